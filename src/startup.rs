@@ -1,0 +1,95 @@
+//! Wiring: migrations and topology, and the worker process with its listeners and signals.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{self, Publisher};
+use crate::configuration::Settings;
+use crate::relay::Relay;
+use crate::store;
+use crate::worker::{self, Context};
+
+/// Applies database migrations (creating the database if needed) and declares the AMQP topology.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<PgPool> {
+    let pool = store::migrate(&settings.database)
+        .await
+        .map_err(|err| anyhow::anyhow!("{err}; check OUTBOUND_DATABASE_URL and that PostgreSQL is running"))?;
+    let connection = broker::connect(&settings.amqp)
+        .await
+        .map_err(|err| anyhow::anyhow!("{err}; check OUTBOUND_AMQP_URL and that RabbitMQ is running"))?;
+    let channel = connection.create_channel().await?;
+    broker::declare_topology(&channel).await?;
+    let _ = channel.close(200, "done").await;
+    let _ = connection.close(200, "done").await;
+    Ok(pool)
+}
+
+/// Fails unless every migration of this binary is applied.
+pub async fn check_migrations(pool: &PgPool) -> anyhow::Result<()> {
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+    let missing: Vec<String> = store::MIGRATOR
+        .iter()
+        .filter(|migration| !applied.contains(&migration.version))
+        .map(|migration| migration.description.to_string())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("the database is missing migrations ({}); run `outbound migrate` first", missing.join(", "))
+    }
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(crate::telemetry::init_metrics).clone()
+}
+
+/// Runs the worker until SIGTERM or SIGINT, then drains within `worker.shutdown_grace`.
+pub async fn run_worker(settings: Settings, broker_connected: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown signal received");
+        signals.cancel();
+    });
+    run_worker_until(settings, broker_connected, shutdown).await
+}
+
+/// Runs the worker until `shutdown` is cancelled.
+pub async fn run_worker_until(settings: Settings, broker_connected: Arc<AtomicBool>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = store::connect(&settings.database)
+        .await
+        .map_err(|err| anyhow::anyhow!("{err}; check OUTBOUND_DATABASE_URL and that PostgreSQL is running"))?;
+    check_migrations(&pool).await?;
+
+    let health = crate::http::Health { metrics: metrics_handle(), pool: pool.clone(), broker_connected: broker_connected.clone() };
+    crate::http::serve(settings.metrics.addr, health, shutdown.clone()).await?;
+
+    let target = settings.smtp.url.clone().expect("required at load");
+    let relay = Relay::new(target.clone(), &settings.smtp);
+    let key_encryption_key = settings.keys.encryption_key.clone().expect("required at load");
+    tracing::info!(relay = ?target, prefetch = settings.worker.prefetch, "worker starting");
+    let context = Arc::new(Context { settings, pool, relay, publisher: Publisher::default(), key_encryption_key });
+    worker::run(context.clone(), broker_connected, shutdown).await?;
+    context.pool.close().await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

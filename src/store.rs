@@ -1,0 +1,641 @@
+//! PostgreSQL access: connection, migrations and every query of the service.
+//!
+//! Each function runs one short statement or transaction; none is held across network
+//! calls to the broker or the relay.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::configuration::DatabaseSettings;
+use crate::outcome::{DeliveryResult, RecipientOutcome, Status};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("permission denied: only the tenant owner can change outbound email settings")]
+    PermissionDenied,
+}
+
+impl StoreError {
+    /// True when retrying the same call later may succeed (connection lost, pool timeout).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_))
+        )
+    }
+}
+
+/// Connects a pool, retrying with backoff for about half a minute so that a worker
+/// started together with its database does not fail at once.
+pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
+    let options = PgConnectOptions::from_str(&settings.url)?.log_statements(tracing::log::LevelFilter::Debug);
+    let pool_options = PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(10));
+    let connect = || pool_options.clone().connect_with(options.clone());
+    let pool = connect
+        .retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(200)).with_max_times(8))
+        .when(|err| matches!(err, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut))
+        .notify(|err, delay| tracing::warn!(error = %err, retry_in = ?delay, "database connection failed, retrying"))
+        .await?;
+    Ok(pool)
+}
+
+/// Creates the database named in the URL when it does not exist, through the
+/// `postgres` maintenance database, then applies the migrations.
+pub async fn migrate(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
+    let options = PgConnectOptions::from_str(&settings.url)?;
+    let database = options.get_database().unwrap_or("postgres").to_string();
+    let maintenance = options.clone().database("postgres");
+    match sqlx::PgConnection::connect_with(&maintenance).await {
+        Ok(mut connection) => {
+            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(&database)
+                .fetch_one(&mut connection)
+                .await?;
+            if !exists {
+                let quoted = database.replace('"', "\"\"");
+                match sqlx::query(&format!("CREATE DATABASE \"{quoted}\""))
+                    .execute(&mut connection)
+                    .await
+                {
+                    Ok(_) => tracing::info!(database = %database, "created database"),
+                    // Another process created it between the check and here.
+                    Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("42P04") => {}
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            let _ = connection.close().await;
+        }
+        Err(err) => tracing::debug!(error = %err, "maintenance database not reachable; assuming the database exists"),
+    }
+
+    let pool = connect(settings).await?;
+    MIGRATOR.run(&pool).await?;
+    Ok(pool)
+}
+
+// ---------------------------------------------------------------------------------
+// Tenants, members and domains.
+
+#[derive(Debug, Clone)]
+pub struct NewTenant {
+    pub tenant_id: Uuid,
+    pub owner_user_id: Uuid,
+}
+
+pub async fn create_tenant(pool: &PgPool, name: &str, owner_email: &str, plan: &str) -> Result<NewTenant, StoreError> {
+    let tenant_id = Uuid::new_v4();
+    let owner_user_id = Uuid::new_v4();
+    let mut tx = pool.begin().await?;
+    sqlx::query("INSERT INTO tenants (id, name, plan) VALUES ($1, $2, $3)")
+        .bind(tenant_id)
+        .bind(name)
+        .bind(plan)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO tenant_members (id, tenant_id, email, role) VALUES ($1, $2, $3, 'owner')")
+        .bind(owner_user_id)
+        .bind(tenant_id)
+        .bind(owner_email)
+        .execute(&mut *tx)
+        .await?;
+    audit(&mut tx, Some(tenant_id), "operator", "tenant.create", None, None, Some(serde_json::json!({"name": name, "plan": plan, "owner_email": owner_email})), None).await?;
+    tx.commit().await?;
+    Ok(NewTenant { tenant_id, owner_user_id })
+}
+
+/// Sets `outbound_enabled` directly; used by the demo for its disabled tenant.
+pub async fn set_outbound_enabled(pool: &PgPool, tenant_id: Uuid, enabled: bool, actor: &str) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let old: Option<bool> = sqlx::query_scalar("SELECT outbound_enabled FROM tenants WHERE id = $1 FOR UPDATE")
+        .bind(tenant_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(old) = old else {
+        return Err(StoreError::NotFound(format!("tenant {tenant_id} not found; check the id with `outbound tenant create` output")));
+    };
+    sqlx::query("UPDATE tenants SET outbound_enabled = $2 WHERE id = $1").bind(tenant_id).bind(enabled).execute(&mut *tx).await?;
+    audit(&mut tx, Some(tenant_id), actor, "settings.set", Some("outbound_enabled"), Some(old.into()), Some(enabled.into()), None).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn find_tenant_by_name(pool: &PgPool, name: &str) -> Result<Option<(Uuid, Uuid)>, StoreError> {
+    let row = sqlx::query(
+        "SELECT t.id, m.id AS owner FROM tenants t JOIN tenant_members m ON m.tenant_id = t.id AND m.role = 'owner'
+         WHERE t.name = $1 ORDER BY t.created_at LIMIT 1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|row| (row.get("id"), row.get("owner"))))
+}
+
+/// Fails with [`StoreError::PermissionDenied`] unless `actor` is the tenant's owner.
+async fn require_owner(tx: &mut sqlx::PgConnection, tenant_id: Uuid, actor: Uuid) -> Result<(), StoreError> {
+    let tenant_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE id = $1)")
+        .bind(tenant_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !tenant_exists {
+        return Err(StoreError::NotFound(format!("tenant {tenant_id} not found; check the --tenant id")));
+    }
+    let role: Option<String> = sqlx::query_scalar("SELECT role FROM tenant_members WHERE tenant_id = $1 AND id = $2")
+        .bind(tenant_id)
+        .bind(actor)
+        .fetch_optional(&mut *tx)
+        .await?;
+    match role.as_deref() {
+        Some("owner") => Ok(()),
+        _ => Err(StoreError::PermissionDenied),
+    }
+}
+
+pub async fn add_member(pool: &PgPool, tenant_id: Uuid, actor: Uuid, email: &str, role: &str) -> Result<Uuid, StoreError> {
+    let mut tx = pool.begin().await?;
+    require_owner(&mut tx, tenant_id, actor).await?;
+    let user_id = Uuid::new_v4();
+    let inserted = sqlx::query("INSERT INTO tenant_members (id, tenant_id, email, role) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+        .bind(user_id)
+        .bind(tenant_id)
+        .bind(email)
+        .bind(role)
+        .execute(&mut *tx)
+        .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(StoreError::Conflict(format!("{email} is already a member of tenant {tenant_id}")));
+    }
+    audit(&mut tx, Some(tenant_id), &actor.to_string(), "member.add", Some(email), None, Some(serde_json::json!({"user_id": user_id, "role": role})), None).await?;
+    tx.commit().await?;
+    Ok(user_id)
+}
+
+pub struct NewDomain<'a> {
+    pub tenant_id: Uuid,
+    pub actor: Uuid,
+    pub domain: &'a str,
+    pub selector: &'a str,
+    pub encrypted_private_key: Vec<u8>,
+    pub public_key: &'a str,
+    pub verification_token: &'a str,
+}
+
+pub async fn add_domain(pool: &PgPool, new: NewDomain<'_>) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    require_owner(&mut tx, new.tenant_id, new.actor).await?;
+    let inserted = sqlx::query(
+        "INSERT INTO sending_domains (id, tenant_id, domain, selector, dkim_private_key, dkim_public_key, verification_token)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (domain) DO NOTHING",
+    )
+    .bind(Uuid::new_v4())
+    .bind(new.tenant_id)
+    .bind(new.domain)
+    .bind(new.selector)
+    .bind(&new.encrypted_private_key)
+    .bind(new.public_key)
+    .bind(new.verification_token)
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(StoreError::Conflict(format!(
+            "domain {} is already registered; each sending domain belongs to one tenant",
+            new.domain
+        )));
+    }
+    let value = serde_json::json!({"selector": new.selector, "status": "pending"});
+    audit(&mut tx, Some(new.tenant_id), &new.actor.to_string(), "domain.add", Some(new.domain), None, Some(value), None).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The operator override: marks a domain verified without a DNS check, with an audit entry.
+pub async fn mark_domain_verified(pool: &PgPool, tenant_id: Uuid, domain: &str, reason: &str) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let old: Option<String> = sqlx::query_scalar("SELECT status FROM sending_domains WHERE tenant_id = $1 AND domain = $2 FOR UPDATE")
+        .bind(tenant_id)
+        .bind(domain)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(old) = old else {
+        return Err(StoreError::NotFound(format!(
+            "domain {domain} is not registered for tenant {tenant_id}; add it first with `outbound domain add`"
+        )));
+    };
+    sqlx::query("UPDATE sending_domains SET status = 'verified', verified_at = now() WHERE tenant_id = $1 AND domain = $2")
+        .bind(tenant_id)
+        .bind(domain)
+        .execute(&mut *tx)
+        .await?;
+    audit(&mut tx, Some(tenant_id), "operator", "domain.mark_verified", Some(domain), Some(old.into()), Some("verified".into()), Some(reason)).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn audit(
+    tx: &mut sqlx::PgConnection,
+    tenant_id: Option<Uuid>,
+    actor: &str,
+    action: &str,
+    subject: Option<&str>,
+    old_value: Option<serde_json::Value>,
+    new_value: Option<serde_json::Value>,
+    reason: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO audit_log (tenant_id, actor, action, subject, old_value, new_value, reason) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+        .bind(tenant_id)
+        .bind(actor)
+        .bind(action)
+        .bind(subject)
+        .bind(old_value)
+        .bind(new_value)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// What the sender checks need to know about a tenant and its `from` domain.
+#[derive(Debug, Clone)]
+pub struct SenderState {
+    pub outbound_enabled: bool,
+    /// `None` when the domain is not one of the tenant's.
+    pub domain: Option<DomainKey>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DomainKey {
+    pub domain: String,
+    pub selector: String,
+    pub status: String,
+    pub encrypted_private_key: Vec<u8>,
+    pub public_key: String,
+}
+
+/// Reads the tenant and its domain in one round trip; `None` when the tenant does not exist.
+pub async fn sender_state(pool: &PgPool, tenant_id: Uuid, domain: &str) -> Result<Option<SenderState>, StoreError> {
+    let row = sqlx::query(
+        "SELECT t.outbound_enabled, d.domain, d.selector, d.status, d.dkim_private_key, d.dkim_public_key
+         FROM tenants t LEFT JOIN sending_domains d ON d.tenant_id = t.id AND d.domain = $2
+         WHERE t.id = $1",
+    )
+    .bind(tenant_id)
+    .bind(domain)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|row| SenderState {
+        outbound_enabled: row.get("outbound_enabled"),
+        domain: row.get::<Option<String>, _>("domain").map(|domain| DomainKey {
+            domain,
+            selector: row.get("selector"),
+            status: row.get("status"),
+            encrypted_private_key: row.get("dkim_private_key"),
+            public_key: row.get("dkim_public_key"),
+        }),
+    }))
+}
+
+pub async fn domain_public_key(pool: &PgPool, domain: &str) -> Result<Option<(String, String)>, StoreError> {
+    let row = sqlx::query("SELECT selector, dkim_public_key FROM sending_domains WHERE domain = $1")
+        .bind(domain)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|row| (row.get("selector"), row.get("dkim_public_key"))))
+}
+
+// ---------------------------------------------------------------------------------
+// Deliveries.
+
+/// A delivery row as the worker needs it.
+#[derive(Debug, Clone)]
+pub struct DeliveryRow {
+    pub request_id: Uuid,
+    pub status: Status,
+    pub attempt: u32,
+    pub request: Option<serde_json::Value>,
+    pub message_id: Option<String>,
+    pub signed_message: Option<Vec<u8>>,
+    pub recipient_results: Vec<RecipientOutcome>,
+    pub last_result: Option<DeliveryResult>,
+    pub result_published: bool,
+    pub first_attempt_at: Option<DateTime<Utc>>,
+    pub published_at: Option<DateTime<Utc>>,
+    pub processing: bool,
+}
+
+const DELIVERY_COLUMNS: &str = "request_id, status, attempt, request, message_id, signed_message, recipient_results, last_result,
+     result_published_at IS NOT NULL AS result_published, first_attempt_at, published_at";
+
+fn delivery_row(row: &sqlx::postgres::PgRow) -> DeliveryRow {
+    let status_text: String = row.get("status");
+    DeliveryRow {
+        request_id: row.get("request_id"),
+        status: Status::parse(&status_text).unwrap_or(Status::Deferred),
+        processing: status_text == "processing",
+        attempt: row.get::<i32, _>("attempt").max(0) as u32,
+        request: row.get("request"),
+        message_id: row.get("message_id"),
+        signed_message: row.get("signed_message"),
+        recipient_results: serde_json::from_value(row.get("recipient_results")).unwrap_or_default(),
+        last_result: row.get::<Option<serde_json::Value>, _>("last_result").and_then(|value| serde_json::from_value(value).ok()),
+        result_published: row.get("result_published"),
+        first_attempt_at: row.get("first_attempt_at"),
+        published_at: row.get("published_at"),
+    }
+}
+
+/// What claiming a request found.
+#[derive(Debug)]
+pub enum Claim {
+    /// The row is new and this worker owns it until the lease ends.
+    Owned,
+    /// The request was seen before; the row says in which state.
+    Existing(DeliveryRow),
+}
+
+pub struct NewDelivery<'a> {
+    pub request_id: Uuid,
+    pub tenant_id: Uuid,
+    pub conversation_id: &'a str,
+    pub origin: &'a str,
+    pub from_address: &'a str,
+    pub recipients: Vec<String>,
+    pub subject: &'a str,
+    pub request: serde_json::Value,
+    pub published_at: Option<DateTime<Utc>>,
+}
+
+/// Inserts the row for a new request in state `processing`, leased to this worker.
+/// A row whose earlier owner's lease ran out is taken over the same way.
+pub async fn claim(pool: &PgPool, new: NewDelivery<'_>, lease: Duration) -> Result<Claim, StoreError> {
+    let lease_until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
+    let inserted = sqlx::query(
+        "INSERT INTO deliveries (request_id, tenant_id, conversation_id, origin, from_address, recipients, subject, status, request, lease_until, published_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'processing', $8, $9, $10)
+         ON CONFLICT (request_id) DO NOTHING",
+    )
+    .bind(new.request_id)
+    .bind(new.tenant_id)
+    .bind(new.conversation_id)
+    .bind(new.origin)
+    .bind(new.from_address)
+    .bind(&new.recipients)
+    .bind(new.subject)
+    .bind(&new.request)
+    .bind(lease_until)
+    .bind(new.published_at)
+    .execute(pool)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        return Ok(Claim::Owned);
+    }
+
+    let taken_over = sqlx::query(
+        "UPDATE deliveries SET lease_until = $2, updated_at = now()
+         WHERE request_id = $1 AND status = 'processing' AND lease_until < now()",
+    )
+    .bind(new.request_id)
+    .bind(lease_until)
+    .execute(pool)
+    .await?;
+    if taken_over.rows_affected() == 1 {
+        return Ok(Claim::Owned);
+    }
+
+    let row = sqlx::query(&format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE request_id = $1"))
+        .bind(new.request_id)
+        .fetch_one(pool)
+        .await?;
+    Ok(Claim::Existing(delivery_row(&row)))
+}
+
+/// Records the message id, threading and signed message before the first relay attempt,
+/// so that a retry sends the very same bytes.
+pub async fn store_composed(
+    pool: &PgPool,
+    request_id: Uuid,
+    message_id: &str,
+    references: &[String],
+    signed_message: &[u8],
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE deliveries SET message_id = $2, references_ids = $3, signed_message = $4,
+             first_attempt_at = coalesce(first_attempt_at, now()), updated_at = now()
+         WHERE request_id = $1",
+    )
+    .bind(request_id)
+    .bind(message_id)
+    .bind(references)
+    .bind(signed_message)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records a result: final, or deferred with its next attempt. The result is stored
+/// before it is published, so a redelivered request republishes the same event.
+pub async fn record_result(pool: &PgPool, result: &DeliveryResult, next_attempt_at: Option<DateTime<Utc>>, recipients: &[RecipientOutcome]) -> Result<(), StoreError> {
+    let request_id = result.request_id.expect("only results of readable requests are stored");
+    sqlx::query(
+        "UPDATE deliveries SET status = $2, reason = $3, detail = $4, attempt = $5, next_attempt_at = $6, lease_until = NULL,
+             recipient_results = $7, last_result = $8, result_published_at = NULL, updated_at = now(),
+             finished_at = CASE WHEN $9 THEN now() ELSE NULL END,
+             message_id = coalesce(message_id, $10)
+         WHERE request_id = $1",
+    )
+    .bind(request_id)
+    .bind(result.status.as_str())
+    .bind(result.reason.map(|reason| reason.as_str()))
+    .bind(&result.detail)
+    .bind(result.attempt as i32)
+    .bind(next_attempt_at)
+    .bind(serde_json::to_value(recipients).expect("recipient outcomes serialize"))
+    .bind(serde_json::to_value(result).expect("results serialize"))
+    .bind(result.is_final)
+    .bind(&result.message_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Stores the result of a request that never got a row because it failed validation.
+/// Returns the existing row instead when the request id was seen before.
+pub async fn record_invalid(pool: &PgPool, result: &DeliveryResult, raw_body: &[u8]) -> Result<Option<DeliveryRow>, StoreError> {
+    let Some(request_id) = result.request_id else { return Ok(None) };
+    let body = serde_json::from_slice::<serde_json::Value>(raw_body).ok();
+    let inserted = sqlx::query(
+        "INSERT INTO deliveries (request_id, tenant_id, conversation_id, origin, status, reason, detail, request, last_result, finished_at)
+         VALUES ($1, $2, $3, $4, 'invalid', $5, $6, $7, $8, now())
+         ON CONFLICT (request_id) DO NOTHING",
+    )
+    .bind(request_id)
+    .bind(result.tenant_id)
+    .bind(&result.conversation_id)
+    .bind(result.origin.map(|origin| origin.as_str()))
+    .bind(result.reason.map(|reason| reason.as_str()))
+    .bind(&result.detail)
+    .bind(body)
+    .bind(serde_json::to_value(result).expect("results serialize"))
+    .execute(pool)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        return Ok(None);
+    }
+    let row = sqlx::query(&format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE request_id = $1"))
+        .bind(request_id)
+        .fetch_one(pool)
+        .await?;
+    Ok(Some(delivery_row(&row)))
+}
+
+pub async fn mark_published(pool: &PgPool, request_id: Uuid, event_id: Uuid) -> Result<(), StoreError> {
+    sqlx::query("UPDATE deliveries SET result_published_at = now() WHERE request_id = $1 AND last_result->>'event_id' = $2")
+        .bind(request_id)
+        .bind(event_id.to_string())
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Claims up to `limit` rows that need work: deferred ones that are due, and rows whose
+/// owner's lease ran out (a worker that died mid-send). Other workers skip locked rows.
+pub async fn claim_due(pool: &PgPool, limit: i64, lease: Duration) -> Result<Vec<DeliveryRow>, StoreError> {
+    let lease_until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
+    let sql = format!(
+        "UPDATE deliveries SET status = 'processing', lease_until = $2, updated_at = now()
+         WHERE request_id IN (
+             SELECT request_id FROM deliveries
+             WHERE (status = 'deferred' AND next_attempt_at <= now())
+                OR (status = 'processing' AND lease_until < now())
+             ORDER BY next_attempt_at NULLS FIRST
+             LIMIT $1
+             FOR UPDATE SKIP LOCKED)
+         RETURNING {DELIVERY_COLUMNS}"
+    );
+    let rows = sqlx::query(&sql)
+    .bind(limit)
+    .bind(lease_until)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(delivery_row).collect())
+}
+
+/// Final results stored but never confirmed by the broker, older than `age`.
+pub async fn unpublished_results(pool: &PgPool, age: Duration, limit: i64) -> Result<Vec<DeliveryResult>, StoreError> {
+    let before = Utc::now() - chrono::Duration::from_std(age).unwrap_or_default();
+    let values: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT last_result FROM deliveries
+         WHERE result_published_at IS NULL AND last_result IS NOT NULL AND status <> 'processing' AND updated_at < $1
+         ORDER BY updated_at LIMIT $2",
+    )
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(values.into_iter().filter_map(|value| serde_json::from_value(value).ok()).collect())
+}
+
+/// The latest message already sent in a conversation, to thread a reply onto.
+pub async fn latest_in_conversation(pool: &PgPool, tenant_id: Uuid, conversation_id: &str, excluding: Uuid) -> Result<Option<(String, Vec<String>)>, StoreError> {
+    let row = sqlx::query(
+        "SELECT message_id, references_ids FROM deliveries
+         WHERE tenant_id = $1 AND conversation_id = $2 AND request_id <> $3 AND message_id IS NOT NULL
+           AND status IN ('sent', 'deferred', 'processing')
+         ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(tenant_id)
+    .bind(conversation_id)
+    .bind(excluding)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|row| (row.get("message_id"), row.get("references_ids"))))
+}
+
+/// Filters of the delivery log.
+#[derive(Debug, Default, Clone)]
+pub struct DeliveryFilter {
+    pub tenant_id: Option<Uuid>,
+    pub recipient: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub status: Option<String>,
+    pub limit: i64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeliveryLogEntry {
+    pub request_id: Uuid,
+    pub tenant_id: Option<Uuid>,
+    pub conversation_id: Option<String>,
+    pub origin: Option<String>,
+    pub from: Option<String>,
+    pub recipients: Vec<String>,
+    pub subject: Option<String>,
+    pub status: String,
+    pub reason: Option<String>,
+    pub detail: Option<String>,
+    pub attempt: i32,
+    pub message_id: Option<String>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+pub async fn list_deliveries(pool: &PgPool, filter: &DeliveryFilter) -> Result<Vec<DeliveryLogEntry>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT request_id, tenant_id, conversation_id, origin, from_address, recipients, subject, status, reason, detail,
+                attempt, message_id, next_attempt_at, created_at, updated_at
+         FROM deliveries
+         WHERE ($1::uuid IS NULL OR tenant_id = $1)
+           AND ($2::text IS NULL OR $2 = ANY (recipients))
+           AND ($3::timestamptz IS NULL OR created_at >= $3)
+           AND ($4::timestamptz IS NULL OR created_at < $4)
+           AND ($5::text IS NULL OR status = $5)
+         ORDER BY created_at DESC LIMIT $6",
+    )
+    .bind(filter.tenant_id)
+    .bind(&filter.recipient)
+    .bind(filter.since)
+    .bind(filter.until)
+    .bind(&filter.status)
+    .bind(filter.limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|row| DeliveryLogEntry {
+            request_id: row.get("request_id"),
+            tenant_id: row.get("tenant_id"),
+            conversation_id: row.get("conversation_id"),
+            origin: row.get("origin"),
+            from: row.get("from_address"),
+            recipients: row.get("recipients"),
+            subject: row.get("subject"),
+            status: row.get("status"),
+            reason: row.get("reason"),
+            detail: row.get("detail"),
+            attempt: row.get("attempt"),
+            message_id: row.get("message_id"),
+            next_attempt_at: row.get("next_attempt_at"),
+            created_at: row.get("created_at"),
+            updated_at: row.get("updated_at"),
+        })
+        .collect())
+}
