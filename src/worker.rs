@@ -99,7 +99,7 @@ pub async fn run(context: Arc<Context>, broker_connected: Arc<AtomicBool>, shutd
         broker_connected.store(false, Ordering::Relaxed);
 
         if shutdown.is_cancelled() {
-            drain(&context, &tracker).await;
+            // `consume` has drained the in-flight requests before returning.
             let _ = connection.close(200, "worker stopping").await;
             break;
         }
