@@ -82,12 +82,16 @@ pub fn trim_references(references: Vec<String>) -> Vec<String> {
 }
 
 fn body(request: &SendRequest) -> Vec<u8> {
-    let text = request.text_body.as_deref().map(|text| {
-        SinglePart::builder().header(ContentType::TEXT_PLAIN).body(normalize_line_ends(text))
-    });
-    let html = request.html_body.as_deref().map(|html| {
-        SinglePart::builder().header(ContentType::TEXT_HTML).body(normalize_line_ends(html))
-    });
+    // A top-level single part ends with lettre's CRLF, so its own final line end is
+    // dropped. Inside a multipart, the CRLF before the boundary belongs to the boundary.
+    let single = request.text_body.is_none() || request.html_body.is_none();
+    let single = single && request.attachments.is_empty();
+    let prepare = |text: &str| {
+        let normalized = normalize_line_ends(text);
+        if single { drop_final_line_end(normalized) } else { normalized }
+    };
+    let text = request.text_body.as_deref().map(|text| SinglePart::builder().header(ContentType::TEXT_PLAIN).body(prepare(text)));
+    let html = request.html_body.as_deref().map(|html| SinglePart::builder().header(ContentType::TEXT_HTML).body(prepare(html)));
 
     enum Content {
         Single(SinglePart),
@@ -129,10 +133,19 @@ fn normalize_line_ends(text: &str) -> String {
     text.replace("\r\n", "\n").replace('\r', "\n")
 }
 
+fn drop_final_line_end(mut text: String) -> String {
+    if text.ends_with('\n') {
+        text.pop();
+    }
+    text
+}
+
 /// Writes an unstructured field (Subject, X-...): plain ASCII folded at spaces, or
 /// RFC 2047 encoded-words when the value needs encoding.
 pub fn unstructured_field(name: &str, value: &str) -> String {
-    let needs_encoding = !value.bytes().all(|b| (0x20..0x7f).contains(&b)) || value.contains("=?");
+    // Readers drop the white space that starts a field value, so leading spaces survive
+    // only inside an encoded-word.
+    let needs_encoding = !value.bytes().all(|b| (0x20..0x7f).contains(&b)) || value.contains("=?") || value.starts_with(' ');
     let tokens = if needs_encoding { encoded_words(value) } else { space_tokens(value) };
     fold(name, &tokens)
 }
@@ -336,5 +349,7 @@ mod tests {
     #[test]
     fn line_ends_normalized() {
         assert_eq!(normalize_line_ends("a\nb\r\nc\rd"), "a\nb\nc\nd");
+        assert_eq!(drop_final_line_end("a\n".into()), "a");
+        assert_eq!(drop_final_line_end("a\n\n".into()), "a\n");
     }
 }

@@ -219,8 +219,11 @@ impl Relay {
             return (RelayReport { recipients: outcomes, unavailable: false, failure: None }, reset);
         }
 
+        // lettre ends the data with CRLF "." CRLF, whose first CRLF would add an empty
+        // line to a message that already ends with CRLF, so that line end is left to it.
+        let content = message.strip_suffix(b"\r\n").unwrap_or(message);
         let data = match self.step(connection.command(Data)).await {
-            Ok(_) => self.step(connection.message(message)).await,
+            Ok(_) => self.step(connection.message(content)).await,
             Err(err) => Err(err),
         };
         match data {

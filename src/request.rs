@@ -499,6 +499,7 @@ mod tests {
         ];
         for (pointer, bad, field) in cases {
             let mut value = base();
+            value["from"]["name"] = "Support".into();
             *value.pointer_mut(pointer).unwrap() = bad;
             let err = rejection(value);
             assert_eq!(err.reason, Reason::HeaderInjection, "{pointer}");
