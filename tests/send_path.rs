@@ -305,3 +305,51 @@ async fn migrate_twice_changes_nothing() {
         .expect("the work queue exists");
     assert_eq!(queue.name().as_str(), outbound::broker::WORK_QUEUE);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_served() {
+    let mut env = TestEnv::with_worker().await;
+    let tenant = env.tenant(true).await;
+    let sent = env.publish_and_wait(&request(&tenant, &["customer@example.net"])).await;
+    assert_status(&sent, Status::Sent, None);
+    let mut blocked = request(&tenant, &["customer@example.net"]);
+    blocked["tenant_id"] = uuid::Uuid::new_v4().to_string().into();
+    env.publish_and_wait(&blocked).await;
+
+    let (health, _) = common::http_get(env.metrics_port, "/healthz");
+    assert_eq!(health, 200);
+    let (ready, ready_body) = common::http_get(env.metrics_port, "/readyz");
+    assert_eq!(ready, 200, "{ready_body}");
+    let (status, metrics) = common::http_get(env.metrics_port, "/metrics");
+    assert_eq!(status, 200);
+    for series in [
+        "outbound_requests_received_total{origin=\"agent\"} 2",
+        "outbound_results_total{status=\"sent\",reason=\"none\"} 1",
+        "outbound_results_total{status=\"blocked\",reason=\"tenant_not_found\"} 1",
+        "outbound_smtp_duration_seconds_count 1",
+        "outbound_end_to_end_seconds_count 2",
+        "outbound_inflight_messages 0",
+        "outbound_tenant_restrictions_active 0",
+    ] {
+        assert!(metrics.contains(series), "missing {series} in:\n{metrics}");
+    }
+    assert!(!metrics.contains(&tenant.tenant_id.to_string()), "no tenant label");
+    env.check_contract();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_requests_each_sent_once() {
+    let mut env = TestEnv::with_worker().await;
+    let tenant = env.tenant(true).await;
+    let mut ids = Vec::new();
+    for index in 0..40 {
+        ids.push(env.publish(&request(&tenant, &[&format!("customer{index}@example.net")])).await);
+    }
+    for id in &ids {
+        assert_status(&env.final_result(*id).await, Status::Sent, None);
+    }
+    assert_eq!(env.received().len(), 40);
+    let counts = common::final_counts(&env.published);
+    assert!(ids.iter().all(|id| counts.get(id) == Some(&1)));
+    env.check_contract();
+}

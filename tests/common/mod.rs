@@ -101,6 +101,7 @@ pub struct TestEnv {
     pub published: Vec<Published>,
     pub public_keys: Vec<String>,
     pub extra_env: Vec<(String, String)>,
+    pub metrics_port: u16,
 }
 
 fn short_id() -> String {
@@ -180,6 +181,7 @@ impl TestEnv {
             published: Vec::new(),
             public_keys: Vec::new(),
             extra_env: Vec::new(),
+            metrics_port: free_port(),
         }
     }
 
@@ -200,7 +202,7 @@ impl TestEnv {
             .env("OUTBOUND_AMQP_URL", &self.amqp_url)
             .env("OUTBOUND_SMTP_URL", format!("smtp://127.0.0.1:{}?tls=none", self.smtp_port))
             .env("OUTBOUND_KEY_ENCRYPTION_KEY", KEY_HEX)
-            .env("OUTBOUND_METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env("OUTBOUND_METRICS_ADDR", format!("127.0.0.1:{}", self.metrics_port))
             .env("OUTBOUND_RETRY__INITIAL_DELAY", "1s")
             .env("OUTBOUND_RETRY__MAX_DELAY", "2s")
             .env("OUTBOUND_WORKER__POLL_INTERVAL", "200ms")
@@ -405,6 +407,18 @@ fn start_smtp_server(spool: &Path) -> (Child, u16) {
         .and_then(|port| port.parse().ok())
         .unwrap_or_else(|| panic!("SMTP server did not start: {line:?}; is aiosmtpd installed (pip install -r tests/support/requirements.txt)?"));
     (child, port)
+}
+
+/// Sends `GET path` to the worker's metrics listener; returns the status code and body.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener accepts");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    (status, body)
 }
 
 pub fn free_port() -> u16 {
