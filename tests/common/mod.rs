@@ -501,10 +501,15 @@ pub fn shared_request(path: &Path, tenant: &Tenant) -> serde_json::Value {
     value
 }
 
-/// Status counts of final, non-duplicate results per request.
+/// Distinct final, non-duplicate result events per request. A result published again
+/// with the same `event_id` counts once, as the contract tells consumers to deduplicate.
 pub fn final_counts(published: &[Published]) -> HashMap<Uuid, usize> {
+    let mut seen = std::collections::HashSet::new();
     let mut counts = HashMap::new();
     for p in published.iter().filter(|p| p.result.is_final && !p.result.duplicate) {
+        if !seen.insert(p.result.event_id) {
+            continue;
+        }
         if let Some(id) = p.result.request_id {
             *counts.entry(id).or_insert(0) += 1;
         }
