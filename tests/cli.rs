@@ -1,0 +1,128 @@
+//! The administrative commands, run as an operator would run them.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::TestEnv;
+use outbound::outcome::Status;
+
+fn outbound(env: &TestEnv, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_outbound"))
+        .args(args)
+        .env("OUTBOUND_DATABASE_URL", &env.database_url)
+        .env("OUTBOUND_AMQP_URL", &env.amqp_url)
+        .env("OUTBOUND_KEY_ENCRYPTION_KEY", common::KEY_HEX)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the binary runs")
+}
+
+fn stdout_json(output: &Output) -> serde_json::Value {
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_flow_from_tenant_to_delivery_log() {
+    let mut env = TestEnv::with_worker().await;
+    let domain = format!("cli{}.example", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+
+    let created = stdout_json(&outbound(&env, &["tenant", "create", "--name", "CLI Store", "--owner-email", "owner@cli.example", "--json"]));
+    let tenant = created["tenant_id"].as_str().unwrap().to_string();
+    let owner = created["owner_user_id"].as_str().unwrap().to_string();
+
+    let admin = stdout_json(&outbound(&env, &["tenant", "member", "add", "--tenant", &tenant, "--email", "admin@cli.example", "--role", "admin", "--actor", &owner, "--json"]));
+    let admin = admin["user_id"].as_str().unwrap().to_string();
+
+    // Only the owner may add a domain: exit 3, the contract's sentence, and no row.
+    let denied = outbound(&env, &["domain", "add", "--tenant", &tenant, "--domain", &domain, "--actor", &admin]);
+    assert_eq!(denied.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("permission denied: only the tenant owner can change outbound email settings"));
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sending_domains").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(rows, 0);
+
+    let added = stdout_json(&outbound(&env, &["domain", "add", "--tenant", &tenant, "--domain", &domain, "--actor", &owner, "--json"]));
+    assert_eq!(added["domain"], domain.as_str());
+    let records = added["records"].as_array().unwrap();
+    let dkim = records.iter().find(|r| r["name"].as_str().unwrap().contains("._domainkey.")).expect("a DKIM record");
+    assert_eq!(dkim["type"], "TXT");
+    assert_eq!(dkim["required"], true);
+    let value = dkim["value"].as_str().unwrap();
+    for piece in value.split("\" \"") {
+        assert!(piece.trim_matches('"').len() <= 255, "a DKIM string over 255 octets");
+    }
+    let public_key = added["public_key"].as_str().unwrap().to_string();
+    assert!(value.replace("\" \"", "").contains(&public_key));
+    for purpose in ["_outbound-verification.", "_dmarc."] {
+        assert!(records.iter().any(|r| r["name"].as_str().unwrap().starts_with(purpose)), "{purpose}");
+    }
+    assert!(records.iter().any(|r| r["value"].as_str().unwrap().contains("include:_spf.outbound.example")));
+    let stored_key: Vec<u8> = sqlx::query_scalar("SELECT dkim_private_key FROM sending_domains").fetch_one(&env.pool).await.unwrap();
+    assert!(!String::from_utf8_lossy(&stored_key).contains("PRIVATE KEY"), "the private key is stored encrypted");
+
+    let marked = outbound(&env, &["domain", "mark-verified", "--tenant", &tenant, "--domain", &domain, "--reason", "DNS checked by hand"]);
+    assert!(marked.status.success(), "{}", String::from_utf8_lossy(&marked.stderr));
+    let audit: (String, String) = sqlx::query_as("SELECT action, reason FROM audit_log WHERE action = 'domain.mark_verified'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(audit, ("domain.mark_verified".to_string(), "DNS checked by hand".to_string()));
+
+    // `outbound send` publishes a file; the worker sends it.
+    let file = env.spool.path().join("request.json");
+    let request_id = uuid::Uuid::new_v4();
+    let body = serde_json::json!({
+        "schema": "outbound.send_request.v1",
+        "request_id": request_id,
+        "tenant_id": tenant,
+        "origin": "agent",
+        "conversation_id": "conv-cli",
+        "from": {"address": format!("support@{domain}")},
+        "to": [{"address": "jamie@customer.example"}],
+        "subject": "Sent from a file",
+        "text_body": "Hello from outbound send.\n"
+    });
+    std::fs::write(&file, body.to_string()).unwrap();
+    let before = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let sent = outbound(&env, &["send", file.to_str().unwrap()]);
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    env.public_keys.push(public_key);
+    let result = env.final_result(request_id).await;
+    assert_eq!(result.status, Status::Sent, "{result:?}");
+
+    // Support finds it from a recipient and a time.
+    let since = before.to_rfc3339();
+    let log = stdout_json(&outbound(&env, &["deliveries", "--tenant", &tenant, "--recipient", "jamie@customer.example", "--since", &since, "--json"]));
+    let entries = log.as_array().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["request_id"], request_id.to_string());
+    assert_eq!(entries[0]["status"], "sent");
+    assert_eq!(entries[0]["message_id"], result.message_id.clone().unwrap());
+    let none = stdout_json(&outbound(&env, &["deliveries", "--tenant", &tenant, "--recipient", "other@customer.example", "--json"]));
+    assert_eq!(none.as_array().unwrap().len(), 0);
+    let text = outbound(&env, &["deliveries", "--tenant", &tenant]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains(&request_id.to_string()));
+
+    env.check_contract();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_arguments_exit_two_with_the_fix() {
+    let env = TestEnv::start().await;
+    let plan = outbound(&env, &["tenant", "create", "--name", "X", "--owner-email", "o@x.example", "--plan", "gold"]);
+    assert_eq!(plan.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&plan.stderr).contains("starter, growth or enterprise"));
+
+    let email = outbound(&env, &["tenant", "create", "--name", "X", "--owner-email", "not-an-address"]);
+    assert_eq!(email.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&email.stderr).contains("--owner-email"));
+
+    let unknown = outbound(&env, &["domain", "mark-verified", "--tenant", &uuid::Uuid::new_v4().to_string(), "--domain", "nowhere.example", "--reason", "x"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("outbound domain add"));
+
+    let missing_file = outbound(&env, &["send", "/nonexistent/request.json"]);
+    assert_eq!(missing_file.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing_file.stderr).contains("/nonexistent/request.json"));
+
+    let usage = outbound(&env, &["deliveries", "--since", "yesterday"]);
+    assert_eq!(usage.status.code(), Some(2));
+}
