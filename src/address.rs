@@ -34,7 +34,7 @@ impl Address {
         &self.local
     }
 
-    /// The domain in lower-case ASCII, with IDNA labels as `xn--`.
+    /// Returns the domain in lower-case ASCII, with IDNA labels as `xn--`.
     pub fn domain(&self) -> &str {
         &self.domain
     }

@@ -106,7 +106,7 @@ pub enum DomainCommand {
         tenant: Uuid,
         #[arg(long)]
         domain: String,
-        /// Why the DNS check is skipped; stored in the audit log.
+        /// The reason for skipping the DNS check, stored in the audit log.
         #[arg(long)]
         reason: String,
     },
@@ -364,8 +364,8 @@ async fn send_files(settings: &Settings, files: &[String]) -> Result<(), CliErro
         } else {
             std::fs::read(file).map_err(|err| CliError::Usage(format!("cannot read {file}: {err}")))?
         };
-        // The routing key is the tenant id; an unreadable file still goes out, so that
-        // the service reports it as invalid like any other producer's mistake.
+        // The routing key is the tenant id. An unreadable file is published too, so the
+        // service reports it as invalid like any other producer's mistake.
         let routing_key = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|value| value.get("tenant_id").and_then(|id| id.as_str()).map(str::to_string))

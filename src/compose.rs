@@ -2,9 +2,9 @@
 //!
 //! lettre builds the body parts (transfer encoding, CRLF line ends, boundaries). The
 //! top-level header fields are written here, because their encoding decides whether a
-//! receiver shows the subject intact and whether the DKIM signature survives: Unicode
-//! becomes RFC 2047 encoded-words split only between characters, and long fields are
-//! folded at whitespace or between list items, never inside a token.
+//! receiver shows the subject intact and whether the DKIM signature survives. Unicode
+//! becomes RFC 2047 encoded-words split only between characters. Long fields are folded
+//! at whitespace or between list items, never inside a token.
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};

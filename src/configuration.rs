@@ -26,7 +26,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("OUTBOUND_KEY_ENCRYPTION_KEY", "keys.encryption_key"),
 ];
 
-/// What a command needs beyond the settings that always have a default.
+/// A setting that a command needs and that has no default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Requirement {
     SmtpUrl,
@@ -69,7 +69,7 @@ pub struct SmtpSettings {
     pub hello_name: String,
 }
 
-/// Where signed messages go.
+/// The destination of signed messages.
 #[derive(Clone, PartialEq, Eq)]
 pub enum SmtpTarget {
     Relay {
@@ -360,8 +360,7 @@ fn flatten_toml(
                     .join(","),
                 other => other.to_string(),
             };
-            let origin = format!("{origin}");
-            out.insert(format!("{section}.{key}"), RawValue { text, origin });
+            out.insert(format!("{section}.{key}"), RawValue { text, origin: origin.to_string() });
         }
     }
 }

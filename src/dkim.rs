@@ -87,7 +87,7 @@ pub fn decrypt_private_key(kek: &KeyEncryptionKey, domain: &str, stored: &[u8]) 
     Ok(plaintext.to_vec())
 }
 
-/// The DKIM TXT record's text, split into quoted strings of at most 255 octets.
+/// Formats the DKIM TXT record's text as quoted strings of at most 255 octets.
 pub fn dkim_record_value(public_base64: &str) -> String {
     let record = format!("v=DKIM1; k=rsa; p={public_base64}");
     record

@@ -13,7 +13,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-/// What `/readyz` reports on.
+/// The state that `/metrics` and `/readyz` report.
 #[derive(Clone)]
 pub struct Health {
     pub metrics: PrometheusHandle,

@@ -35,7 +35,7 @@ impl Status {
         serde_json::from_value(serde_json::Value::String(text.to_string())).ok()
     }
 
-    /// Every status but `deferred` ends the request.
+    /// Returns true for every status but `deferred`, which is the only non-final one.
     pub fn is_final(self) -> bool {
         self != Status::Deferred
     }
@@ -120,7 +120,7 @@ pub enum RecipientStatus {
     Deferred,
 }
 
-/// What the relay answered for one envelope recipient.
+/// The relay's reply for one envelope recipient.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecipientOutcome {
     pub address: String,
@@ -155,7 +155,7 @@ pub struct DeliveryResult {
 }
 
 impl DeliveryResult {
-    /// The routing key on `outbound.results`: `<status>.<tenant_id>`.
+    /// Returns the routing key on `outbound.results`: `<status>.<tenant_id>`.
     pub fn routing_key(&self) -> String {
         let tenant = self.tenant_id.map(|id| id.to_string()).unwrap_or_else(|| "unknown".to_string());
         format!("{}.{}", self.status.as_str(), tenant)

@@ -1,4 +1,4 @@
-//! Hands signed messages to the SMTP relay and reports what it answered per recipient.
+//! Hands signed messages to the SMTP relay and reports its reply for each recipient.
 //!
 //! lettre's high-level transport stops at the first rejected recipient, so this module
 //! drives lettre's SMTP connection command by command: one MAIL, one RCPT per
@@ -22,11 +22,11 @@ use crate::address::Address;
 use crate::configuration::{SmtpSettings, SmtpTarget, TlsMode};
 use crate::outcome::{RecipientOutcome, RecipientStatus};
 
-/// What one delivery attempt did for each recipient it tried.
+/// The outcome of one delivery attempt for each recipient it tried.
 #[derive(Debug, Clone)]
 pub struct RelayReport {
     pub recipients: Vec<RecipientOutcome>,
-    /// True when the relay could not be reached or timed out, as opposed to answering 4xx.
+    /// True when the relay could not be reached or timed out, as opposed to replying 4xx.
     pub unavailable: bool,
     /// One sentence on a failure of the whole transaction, if there was one.
     pub failure: Option<String>,
@@ -42,7 +42,7 @@ pub struct Relay {
     rate: Option<DefaultDirectRateLimiter>,
 }
 
-/// A failure before any recipient was answered.
+/// A failed SMTP step: the reply code if the relay sent one, and the reply or error text.
 struct StepError {
     code: Option<u16>,
     message: String,
@@ -143,7 +143,7 @@ impl Relay {
             Ok(Err(err)) => Err(step_error(&err)),
             Err(_) => Err(StepError {
                 code: None,
-                message: format!("the relay did not answer within {}", humantime::format_duration(self.timeout)),
+                message: format!("the relay did not respond within {}", humantime::format_duration(self.timeout)),
                 unavailable: true,
             }),
         }
@@ -299,7 +299,7 @@ fn whole_failure(recipients: &[Address], err: StepError, status: RecipientStatus
     }
 }
 
-/// The embedded default: writes the signed message as `<dir>/<request_id>.eml`.
+/// Writes the signed message as `<dir>/<request_id>.eml`, the embedded default target.
 async fn write_to_directory(dir: &PathBuf, request_id: &str, recipients: &[Address], message: &[u8]) -> RelayReport {
     let written = async {
         tokio::fs::create_dir_all(dir).await?;

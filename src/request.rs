@@ -75,13 +75,13 @@ pub struct SendRequest {
 }
 
 impl SendRequest {
-    /// Every envelope recipient: to, cc and bcc.
+    /// Returns every envelope recipient: to, cc and bcc.
     pub fn recipients(&self) -> impl Iterator<Item = &Mailbox> {
         self.to.iter().chain(&self.cc).chain(&self.bcc)
     }
 }
 
-/// What could be read of a request that failed validation, for its `invalid` result.
+/// The ids readable from a request that failed validation, for its `invalid` result.
 #[derive(Debug, Clone, Default)]
 pub struct ReadableIds {
     pub request_id: Option<Uuid>,
@@ -151,6 +151,8 @@ struct WireAttachment {
 }
 
 /// Parses and validates one AMQP body.
+// The error is as large as the ids it carries, and it is built once per invalid request.
+#[allow(clippy::result_large_err)]
 pub fn parse(body: &[u8], limits: &LimitSettings) -> Result<SendRequest, InvalidRequest> {
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|err| InvalidRequest {
         reason: Reason::InvalidJson,

@@ -1,6 +1,6 @@
 //! The retry schedule of deferred messages, as pure functions of the attempt number.
 //!
-//! Whether to retry is decided elsewhere (see `relay::Outcome`); this module only says when.
+//! Whether to retry is decided by `worker::decide`; this module only computes when.
 
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use crate::configuration::RetrySettings;
 /// relay outage do not all come back in the same second.
 pub const JITTER_SHARE: f64 = 0.2;
 
-/// The delay after failed attempt `attempt` (1 for the first send), before jitter:
+/// Computes the delay after failed attempt `attempt` (1 for the first send), before jitter:
 /// `initial_delay * 2^(attempt - 1)`, capped at `max_delay`.
 pub fn base_delay(attempt: u32, settings: &RetrySettings) -> Duration {
     let exponent = attempt.saturating_sub(1).min(30);
@@ -18,7 +18,7 @@ pub fn base_delay(attempt: u32, settings: &RetrySettings) -> Duration {
     delay.min(settings.max_delay)
 }
 
-/// The base delay shortened by up to [`JITTER_SHARE`]; `random` is uniform in `[0, 1)`.
+/// Shortens the base delay by up to [`JITTER_SHARE`], with `random` uniform in `[0, 1)`.
 pub fn jittered_delay(attempt: u32, settings: &RetrySettings, random: f64) -> Duration {
     let random = random.clamp(0.0, 1.0);
     base_delay(attempt, settings).mul_f64(1.0 - JITTER_SHARE * random)

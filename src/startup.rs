@@ -46,7 +46,7 @@ pub async fn check_migrations(pool: &PgPool) -> anyhow::Result<()> {
     }
 }
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// Returns the process-wide Prometheus recorder, installing it on first use.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(crate::telemetry::init_metrics).clone()

@@ -225,7 +225,7 @@ pub async fn add_domain(pool: &PgPool, new: NewDomain<'_>) -> Result<(), StoreEr
     Ok(())
 }
 
-/// The operator override: marks a domain verified without a DNS check, with an audit entry.
+/// Marks a domain verified without a DNS check (the operator override), with an audit entry.
 pub async fn mark_domain_verified(pool: &PgPool, tenant_id: Uuid, domain: &str, reason: &str) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     let old: Option<String> = sqlx::query_scalar("SELECT status FROM sending_domains WHERE tenant_id = $1 AND domain = $2 FOR UPDATE")
@@ -272,7 +272,7 @@ async fn audit(
     Ok(())
 }
 
-/// What the sender checks need to know about a tenant and its `from` domain.
+/// The tenant and `from` domain state that the sender checks read.
 #[derive(Debug, Clone)]
 pub struct SenderState {
     pub outbound_enabled: bool,
@@ -361,13 +361,13 @@ fn delivery_row(row: &sqlx::postgres::PgRow) -> DeliveryRow {
     }
 }
 
-/// What claiming a request found.
+/// The outcome of claiming a request.
 #[derive(Debug)]
 pub enum Claim {
     /// The row is new and this worker owns it until the lease ends.
     Owned,
-    /// The request was seen before; the row says in which state.
-    Existing(DeliveryRow),
+    /// The request was seen before, and the row holds its state.
+    Existing(Box<DeliveryRow>),
 }
 
 pub struct NewDelivery<'a> {
@@ -423,7 +423,7 @@ pub async fn claim(pool: &PgPool, new: NewDelivery<'_>, lease: Duration) -> Resu
         .bind(new.request_id)
         .fetch_one(pool)
         .await?;
-    Ok(Claim::Existing(delivery_row(&row)))
+    Ok(Claim::Existing(Box::new(delivery_row(&row))))
 }
 
 /// Records the message id, threading and signed message before the first relay attempt,
@@ -552,7 +552,7 @@ pub async fn unpublished_results(pool: &PgPool, age: Duration, limit: i64) -> Re
     Ok(values.into_iter().filter_map(|value| serde_json::from_value(value).ok()).collect())
 }
 
-/// The latest message already sent in a conversation, to thread a reply onto.
+/// Returns the latest message of a conversation, with its references, to thread a reply onto.
 pub async fn latest_in_conversation(pool: &PgPool, tenant_id: Uuid, conversation_id: &str, excluding: Uuid) -> Result<Option<(String, Vec<String>)>, StoreError> {
     let row = sqlx::query(
         "SELECT message_id, references_ids FROM deliveries

@@ -1,8 +1,8 @@
 //! Logging and metrics set-up, and the name of every metric series.
 //!
-//! Log levels: ERROR means lost data or an operator must act; WARN means the service
-//! recovered on its own (a retry, a reconnect); INFO is lifecycle (start, stop,
-//! connect); per-message events are DEBUG, never INFO.
+//! Log levels: ERROR means lost data or an operator must act. WARN means the service
+//! recovered on its own (a retry, a reconnect). INFO is lifecycle (start, stop,
+//! connect). Per-message events are DEBUG, never INFO.
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;

@@ -2,9 +2,9 @@
 //! publishes the result, and only then acknowledges.
 //!
 //! PostgreSQL is the durable record. A request gets a `deliveries` row before anything is
-//! sent; deferred requests wait there (not in the broker), and a scheduler loop in every
-//! worker process picks up rows that are due, or whose owner died, with
-//! `FOR UPDATE SKIP LOCKED`. So a deferred message never blocks the consumer.
+//! sent. Deferred requests wait in that table, not in the broker, so they never block the
+//! consumer. A scheduler loop in every worker process picks up rows that are due, or
+//! whose owner died, with `FOR UPDATE SKIP LOCKED`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -169,7 +169,7 @@ async fn consume(
     }
 }
 
-/// Processes one delivery and acknowledges it exactly once.
+/// Processes one delivery, then acks or nacks it once.
 async fn handle_delivery(context: &Context, delivery: Delivery) {
     metrics::gauge!(telemetry::INFLIGHT).increment(1.0);
     let outcome = process_message(context, &delivery.data, &delivery.properties).await;
@@ -241,7 +241,7 @@ pub async fn process_message(context: &Context, body: &[u8], properties: &BasicP
     }
 }
 
-/// A request id seen before: publish its stored final result, or leave it to its owner.
+/// Publishes the stored final result of a request id seen before, or leaves it to its owner.
 async fn handle_seen_request(context: &Context, row: &DeliveryRow) -> Result<(), WorkError> {
     if row.processing || !row.status.is_final() {
         tracing::debug!(request_id = %row.request_id, "request already in progress or deferred; its owner or the scheduler finishes it");
@@ -294,7 +294,7 @@ async fn reject_invalid(context: &Context, body: &[u8], properties: &BasicProper
     publish_and_mark(context, &result).await
 }
 
-/// What earlier attempts left in the row.
+/// The state earlier attempts left in the row.
 #[derive(Debug, Default, Clone)]
 struct Prior {
     attempt: u32,
@@ -347,7 +347,7 @@ async fn deliver(context: &Context, request: &SendRequest, prior: Prior) -> Resu
         }
     };
 
-    // Relay to the recipients that have no final answer yet.
+    // Relay to the recipients that have no final reply yet.
     let pending: Vec<Address> = request
         .recipients()
         .map(|m| m.address.clone())

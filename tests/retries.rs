@@ -83,7 +83,7 @@ async fn silent_relay_times_out_as_unavailable() {
     let result = env.next_result(|r| r.request_id == Some(request_id)).await;
 
     assert_status(&result, Status::Deferred, Some("smtp_unavailable"));
-    assert!(result.detail.contains("did not answer within 1s"), "{}", result.detail);
+    assert!(result.detail.contains("did not respond within 1s"), "{}", result.detail);
     assert!(started.elapsed() < Duration::from_secs(10), "the greeting wait is bounded by smtp.timeout");
     env.check_contract();
     drop(holder);

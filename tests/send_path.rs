@@ -134,7 +134,7 @@ async fn unreadable_requests_dead_lettered() {
     assert_status(&missing_result, Status::Invalid, Some("missing_field"));
     assert!(missing_result.detail.contains("to"), "{}", missing_result.detail);
 
-    // The dead-letter queue holds the bodies unchanged, each with the reason header.
+    // The dead-letter queue contains the bodies unchanged, each with the reason header.
     let mut bodies = Vec::new();
     while let Some(message) = env
         .channel

@@ -38,7 +38,7 @@ print(json.dumps({
     serde_json::from_slice(&output.stdout).expect("python prints JSON")
 }
 
-/// The raw lines of one header field, folded as on the wire.
+/// Returns the raw lines of one header field, folded as on the wire.
 fn raw_field_lines(message: &Received, name: &str) -> Vec<String> {
     let text = message.text();
     let head = text.split("\r\n\r\n").next().unwrap().to_string();

@@ -49,7 +49,7 @@ impl Received {
         String::from_utf8_lossy(&self.content).into_owned()
     }
 
-    /// The unfolded value of the first header field called `name`.
+    /// Returns the unfolded value of the first header field called `name`.
     pub fn header(&self, name: &str) -> Option<String> {
         let text = self.text();
         let head = text.split("\r\n\r\n").next().unwrap_or_default().to_string();
@@ -117,7 +117,7 @@ pub fn project_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The shared contract and cases folder beside the repository.
+/// Returns the folder with the contract and the hard cases, beside the repository.
 pub fn shared_dir() -> PathBuf {
     let beside = project_root().join("../shared");
     assert!(beside.join("contract/CONTRACT.md").exists(), "../shared/contract is missing beside the repository");
@@ -251,7 +251,7 @@ impl TestEnv {
         std::fs::read_to_string(&self.worker_log).unwrap_or_default()
     }
 
-    /// Creates a tenant with a sending domain, verified unless told otherwise.
+    /// Creates a tenant with a sending domain, marked verified when `verified` is true.
     pub async fn tenant(&mut self, verified: bool) -> Tenant {
         let domain = format!("t{}.example", short_id());
         let created = outbound::store::create_tenant(&self.pool, "Test Store", &format!("owner@{domain}"), "starter").await.expect("tenant");
@@ -304,7 +304,7 @@ impl TestEnv {
         self.next_result(|r| r.request_id == Some(request_id) && r.is_final && !r.duplicate).await
     }
 
-    /// Every transaction the SMTP server recorded, in order.
+    /// Returns every transaction the SMTP server recorded, in order.
     pub fn received(&self) -> Vec<Received> {
         let Ok(text) = std::fs::read_to_string(self.spool.path().join("log.jsonl")) else { return vec![] };
         text.lines()
@@ -324,7 +324,7 @@ impl TestEnv {
             .collect()
     }
 
-    /// The RCPT replies the SMTP server sent, as (address, code).
+    /// Returns the RCPT replies the SMTP server sent, as (address, code).
     pub fn rcpt_replies(&self) -> Vec<(String, u16)> {
         let Ok(text) = std::fs::read_to_string(self.spool.path().join("rcpt.jsonl")) else { return vec![] };
         text.lines()
@@ -476,7 +476,7 @@ fn pipe(mut command: Command, stdin: Vec<u8>) -> std::process::Output {
     child.wait_with_output().expect("python3 finishes")
 }
 
-/// A send request for `tenant` to the given recipients.
+/// Builds a send request from `tenant` to the given recipients.
 pub fn request(tenant: &Tenant, recipients: &[&str]) -> serde_json::Value {
     serde_json::json!({
         "schema": "outbound.send_request.v1",
@@ -501,8 +501,8 @@ pub fn shared_request(path: &Path, tenant: &Tenant) -> serde_json::Value {
     value
 }
 
-/// Distinct final, non-duplicate result events per request. A result published again
-/// with the same `event_id` counts once, as the contract tells consumers to deduplicate.
+/// Counts distinct final, non-duplicate result events per request. A result published
+/// again with the same `event_id` counts once, because consumers deduplicate by it.
 pub fn final_counts(published: &[Published]) -> HashMap<Uuid, usize> {
     let mut seen = std::collections::HashSet::new();
     let mut counts = HashMap::new();
