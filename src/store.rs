@@ -365,7 +365,9 @@ fn delivery_row(row: &sqlx::postgres::PgRow) -> DeliveryRow {
 #[derive(Debug)]
 pub enum Claim {
     /// The row is new and this worker owns it until the lease ends.
-    Owned,
+    New,
+    /// An earlier owner's lease ran out, so this worker took the row over as it was left.
+    TakenOver(Box<DeliveryRow>),
     /// The request was seen before, and the row holds its state.
     Existing(Box<DeliveryRow>),
 }
@@ -404,19 +406,17 @@ pub async fn claim(pool: &PgPool, new: NewDelivery<'_>, lease: Duration) -> Resu
     .execute(pool)
     .await?;
     if inserted.rows_affected() == 1 {
-        return Ok(Claim::Owned);
+        return Ok(Claim::New);
     }
 
-    let taken_over = sqlx::query(
+    let takeover = format!(
         "UPDATE deliveries SET lease_until = $2, updated_at = now()
-         WHERE request_id = $1 AND status = 'processing' AND lease_until < now()",
-    )
-    .bind(new.request_id)
-    .bind(lease_until)
-    .execute(pool)
-    .await?;
-    if taken_over.rows_affected() == 1 {
-        return Ok(Claim::Owned);
+         WHERE request_id = $1 AND status = 'processing' AND lease_until < now()
+         RETURNING {DELIVERY_COLUMNS}"
+    );
+    let taken_over = sqlx::query(&takeover).bind(new.request_id).bind(lease_until).fetch_optional(pool).await?;
+    if let Some(row) = taken_over {
+        return Ok(Claim::TakenOver(Box::new(delivery_row(&row))));
     }
 
     let row = sqlx::query(&format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE request_id = $1"))
@@ -503,6 +503,18 @@ pub async fn record_invalid(pool: &PgPool, result: &DeliveryResult, raw_body: &[
         .fetch_one(pool)
         .await?;
     Ok(Some(delivery_row(&row)))
+}
+
+/// Extends the lease of a row this worker is processing, so a long relay attempt is not
+/// taken over by another worker while it still runs.
+pub async fn renew_lease(pool: &PgPool, request_id: Uuid, lease: Duration) -> Result<(), StoreError> {
+    let lease_until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
+    sqlx::query("UPDATE deliveries SET lease_until = $2 WHERE request_id = $1 AND status = 'processing'")
+        .bind(request_id)
+        .bind(lease_until)
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 pub async fn mark_published(pool: &PgPool, request_id: Uuid, event_id: Uuid) -> Result<(), StoreError> {

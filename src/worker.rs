@@ -177,11 +177,18 @@ async fn handle_delivery(context: &Context, delivery: Delivery) {
 
     let acknowledged = match outcome {
         Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
+        Err(err @ WorkError::Key(_)) => {
+            // Key errors happen after the claim, so the request has its row and is not lost:
+            // the scheduler tries it again each time its lease ends, until an operator fixes
+            // the key.
+            tracing::error!(error = %err, "DKIM key unusable; the request is retried when its lease ends");
+            delivery.acker.ack(BasicAckOptions::default()).await
+        }
         Err(err) => {
             if err.is_transient() {
                 tracing::warn!(error = %err, "processing failed; the request goes back to the queue");
             } else {
-                tracing::error!(error = %err, "processing failed; the request goes back to the queue and needs an operator");
+                tracing::error!(error = %err, "processing failed; the request goes back to the queue and may need an operator");
             }
             // A short pause keeps a failing database from turning into a redelivery storm.
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -233,9 +240,13 @@ pub async fn process_message(context: &Context, body: &[u8], properties: &BasicP
     .await?;
 
     match claim {
-        Claim::Owned => {
+        Claim::New => {
             let prior = Prior { published_at, ..Prior::default() };
             deliver(context, &request, prior).await
+        }
+        Claim::TakenOver(row) => {
+            tracing::warn!(request_id = %request.request_id, "took over a request whose previous owner's lease ran out");
+            deliver(context, &request, Prior::from_row(&row)).await
         }
         Claim::Existing(row) => handle_seen_request(context, &row).await,
     }
@@ -305,6 +316,19 @@ struct Prior {
     published_at: Option<DateTime<Utc>>,
 }
 
+impl Prior {
+    fn from_row(row: &DeliveryRow) -> Self {
+        Prior {
+            attempt: row.attempt,
+            message_id: row.message_id.clone(),
+            signed_message: row.signed_message.clone(),
+            recipient_results: row.recipient_results.clone(),
+            first_attempt_at: row.first_attempt_at,
+            published_at: row.published_at,
+        }
+    }
+}
+
 /// Checks, composes, signs and relays a request this worker owns, then records and
 /// publishes the result.
 async fn deliver(context: &Context, request: &SendRequest, prior: Prior) -> Result<(), WorkError> {
@@ -356,7 +380,9 @@ async fn deliver(context: &Context, request: &SendRequest, prior: Prior) -> Resu
             !prior.recipient_results.iter().any(|o| o.address == text && o.status != RecipientStatus::Deferred)
         })
         .collect();
+    let renewal = renew_lease_while_running(context, request.request_id);
     let report = context.relay.deliver(&request.request_id.to_string(), &request.from.address, &pending, &signed).await;
+    renewal.abort();
     let merged = merge_recipients(&prior.recipient_results, &report.recipients);
 
     let first_attempt_at = prior.first_attempt_at.unwrap_or_else(Utc::now);
@@ -374,6 +400,20 @@ async fn deliver(context: &Context, request: &SendRequest, prior: Prior) -> Resu
     let mut result = base.result(decision.status, decision.reason, detail, Some(message_id), merged.clone());
     result.next_attempt_at = next_attempt_at.map(timestamp);
     finish(context, result, next_attempt_at).await
+}
+
+/// Renews the row's lease every third of its length until the returned task is aborted.
+fn renew_lease_while_running(context: &Context, request_id: Uuid) -> tokio::task::JoinHandle<()> {
+    let pool = context.pool.clone();
+    let lease = context.settings.worker.lease;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(lease / 3).await;
+            if let Err(err) = store::renew_lease(&pool, request_id, lease).await {
+                tracing::warn!(request_id = %request_id, error = %err, "renewing the lease failed; another worker may take the request over");
+            }
+        }
+    })
 }
 
 /// Check 2 of the contract, in order. `None` means the sender may send.
@@ -629,15 +669,7 @@ async fn retry_row(context: &Context, row: DeliveryRow) {
                 return finish(context, result, None).await;
             }
         };
-        let prior = Prior {
-            attempt: row.attempt,
-            message_id: row.message_id.clone(),
-            signed_message: row.signed_message.clone(),
-            recipient_results: row.recipient_results.clone(),
-            first_attempt_at: row.first_attempt_at,
-            published_at: row.published_at,
-        };
-        deliver(context, &request, prior).await
+        deliver(context, &request, Prior::from_row(&row)).await
     }
     .await;
     metrics::gauge!(telemetry::INFLIGHT).decrement(1.0);

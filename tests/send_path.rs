@@ -320,9 +320,9 @@ async fn metrics_and_health_served() {
     assert_eq!(health, 200);
     let (ready, ready_body) = common::http_get(env.metrics_port, "/readyz");
     assert_eq!(ready, 200, "{ready_body}");
-    let (status, metrics) = common::http_get(env.metrics_port, "/metrics");
-    assert_eq!(status, 200);
-    for series in [
+    // The worker updates its counters just after the broker confirms a result, so the
+    // test reads /metrics until they show both requests or a deadline passes.
+    let expected = [
         "outbound_requests_received_total{origin=\"agent\"} 2",
         "outbound_results_total{status=\"sent\",reason=\"none\"} 1",
         "outbound_results_total{status=\"blocked\",reason=\"tenant_not_found\"} 1",
@@ -330,7 +330,17 @@ async fn metrics_and_health_served() {
         "outbound_end_to_end_seconds_count 2",
         "outbound_inflight_messages 0",
         "outbound_tenant_restrictions_active 0",
-    ] {
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let metrics = loop {
+        let (status, metrics) = common::http_get(env.metrics_port, "/metrics");
+        assert_eq!(status, 200);
+        if expected.iter().all(|series| metrics.contains(series)) || std::time::Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    for series in expected {
         assert!(metrics.contains(series), "missing {series} in:\n{metrics}");
     }
     assert!(!metrics.contains(&tenant.tenant_id.to_string()), "no tenant label");

@@ -92,3 +92,28 @@ async fn sigterm_past_grace_loses_nothing() {
     assert_one_final_each(&env, &ids);
     env.check_contract();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_request_taken_over() {
+    let mut env = TestEnv::start().await;
+    env.extra_env = vec![("OUTBOUND_WORKER__LEASE".into(), "2s".into())];
+    env.start_worker();
+    let ids = publish_slow_requests(&mut env, 1).await;
+
+    env.kill_worker();
+    env.start_worker();
+    let result = env.final_result(ids[0]).await;
+
+    assert_eq!(result.status, Status::Sent, "{result:?}");
+    assert_one_final_each(&env, &ids);
+    // The SMTP server may have received the first copy before the kill (the duplicate
+    // window of SMTP), but every copy carries the same Message-ID.
+    let message_id = result.message_id.clone().unwrap();
+    let copies = env.received();
+    assert!(!copies.is_empty());
+    for copy in &copies {
+        assert_eq!(copy.header("Message-ID").as_deref(), Some(message_id.as_str()));
+    }
+    assert!(env.worker_log_text().contains("previous owner's lease ran out") || result.attempt >= 1);
+    env.check_contract();
+}

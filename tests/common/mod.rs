@@ -247,6 +247,13 @@ impl TestEnv {
         }
     }
 
+    /// Kills the worker with SIGKILL, as a crash or an out-of-memory kill would.
+    pub fn kill_worker(&mut self) {
+        let mut child = self.worker.take().expect("worker running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap the worker");
+    }
+
     pub fn worker_log_text(&self) -> String {
         std::fs::read_to_string(&self.worker_log).unwrap_or_default()
     }
