@@ -33,8 +33,8 @@ use crate::request::{self, Origin, SendRequest};
 use crate::store::{self, Claim, DeliveryRow, StoreError};
 use crate::telemetry;
 
-/// Rows the scheduler claims per poll.
-const SCHEDULER_BATCH: i64 = 16;
+/// Retries one process runs at once; the scheduler claims no more rows than this allows.
+const SCHEDULER_CONCURRENCY: usize = 16;
 /// A stored result not confirmed by the broker after this long is published again.
 const REPUBLISH_AFTER: Duration = Duration::from_secs(30);
 
@@ -343,6 +343,9 @@ async fn deliver(context: &Context, request: &SendRequest, prior: Prior) -> Resu
     }
 
     // Check 2: tenant, outbound switch, sender domain and its verification.
+    // TODO: checks 3 (tenant restrictions, suppression list) and 4 (automation governance:
+    // kill switch, pause, shadow mode, readiness, reply loops) are not implemented yet, so
+    // automated replies are sent like agent replies, with Auto-Submitted set.
     let domain_name = request.from.address.domain();
     let state = store::sender_state(&context.pool, request.tenant_id, domain_name).await?;
     if let Some((reason, detail)) = sender_block(request, state.as_ref()) {
@@ -613,26 +616,39 @@ async fn scheduler_loop(context: Arc<Context>, tracker: TaskTracker, shutdown: C
     let mut interval = tokio::time::interval(context.settings.worker.poll_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_republish = tokio::time::Instant::now();
+    let slots = Arc::new(tokio::sync::Semaphore::new(SCHEDULER_CONCURRENCY));
     loop {
         tokio::select! {
             _ = interval.tick() => {}
             () = shutdown.cancelled() => return,
         }
 
-        match store::claim_due(&context.pool, SCHEDULER_BATCH, context.settings.worker.lease).await {
-            Ok(rows) => {
-                for row in rows {
-                    let context = context.clone();
-                    tracker.spawn(async move { retry_row(&context, row).await });
-                }
-            }
-            Err(err) => tracing::warn!(error = %err, "looking for due deferred requests failed; trying again at the next poll"),
+        let free = slots.available_permits();
+        if free > 0 {
+            claim_and_spawn(&context, &tracker, &slots, free).await;
         }
 
         if last_republish.elapsed() >= REPUBLISH_AFTER {
             last_republish = tokio::time::Instant::now();
             republish_unconfirmed(&context).await;
         }
+    }
+}
+
+/// Claims up to `free` due rows and runs each in a task that holds one slot.
+async fn claim_and_spawn(context: &Arc<Context>, tracker: &TaskTracker, slots: &Arc<tokio::sync::Semaphore>, free: usize) {
+    match store::claim_due(&context.pool, free as i64, context.settings.worker.lease).await {
+        Ok(rows) => {
+            for row in rows {
+                let context = context.clone();
+                let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+                tracker.spawn(async move {
+                    retry_row(&context, row).await;
+                    drop(permit);
+                });
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "looking for due deferred requests failed; trying again at the next poll"),
     }
 }
 

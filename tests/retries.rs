@@ -107,3 +107,18 @@ async fn oversized_message_is_invalid() {
     env.check_contract();
     assert!(!env.worker_log_text().contains(common::KEY_HEX), "the key encryption key is never logged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_not_after_is_expired() {
+    let mut env = TestEnv::with_worker().await;
+    let tenant = env.tenant(true).await;
+    let mut body = request(&tenant, &["customer@example.net"]);
+    body["not_after"] = "2020-01-01T00:00:00Z".into();
+
+    let result = env.publish_and_wait(&body).await;
+
+    assert_status(&result, Status::Failed, Some("expired"));
+    assert!(result.detail.contains("2020-01-01T00:00:00"), "{}", result.detail);
+    assert!(env.received().is_empty());
+    env.check_contract();
+}
