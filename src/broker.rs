@@ -30,18 +30,30 @@ pub enum BrokerError {
     Nacked,
     #[error("the broker connection is down")]
     Disconnected,
+    #[error("cannot connect to RabbitMQ at {url} ({reason}); check OUTBOUND_AMQP_URL and that RabbitMQ is running")]
+    Unreachable { url: String, reason: String },
 }
 
-/// Connects, retrying with backoff for about a minute: a broker that is restarting
-/// comes back within that time.
-pub async fn connect(settings: &AmqpSettings) -> Result<Connection, BrokerError> {
+/// Connects to RabbitMQ. With `retry`, it keeps trying with backoff for about a minute,
+/// which covers a broker restart; without, it makes one attempt.
+pub async fn connect(settings: &AmqpSettings, retry: bool) -> Result<Connection, BrokerError> {
     let uri = with_heartbeat(&settings.url, settings.heartbeat);
     let attempt = || Connection::connect(&uri, ConnectionProperties::default().with_connection_name("outbound".into()));
-    let connection = attempt
-        .retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(250)).with_max_delay(Duration::from_secs(10)).with_max_times(10))
+    let attempts = if retry { 10 } else { 0 };
+    attempt
+        .retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(250)).with_max_delay(Duration::from_secs(10)).with_max_times(attempts))
         .notify(|err, delay| tracing::warn!(error = %err, url = %redact_url(&settings.url), retry_in = ?delay, "RabbitMQ connection failed, retrying"))
-        .await?;
-    Ok(connection)
+        .await
+        .map_err(|err| BrokerError::Unreachable { url: redact_url(&settings.url), reason: first_cause(&err) })
+}
+
+/// Returns the innermost cause of an error, which names what really failed.
+fn first_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
 }
 
 /// Adds `heartbeat=N` to the URI unless the operator set one.

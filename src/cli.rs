@@ -44,6 +44,9 @@ pub enum Command {
     Send {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<String>,
+        /// Publish files even when they fail validation (to try the dead-letter path).
+        #[arg(long)]
+        no_validate: bool,
     },
     /// The delivery log.
     Deliveries(DeliveriesArgs),
@@ -53,13 +56,16 @@ pub enum Command {
 pub enum TenantCommand {
     /// Create a tenant and its owner; prints both ids.
     Create {
+        /// Display name of the tenant.
         #[arg(long)]
         name: String,
+        /// Email address of the tenant's owner, who may change its outbound settings.
         #[arg(long)]
         owner_email: String,
         /// starter, growth or enterprise.
         #[arg(long, default_value = "starter")]
         plan: String,
+        /// Print {"tenant_id", "owner_user_id"} as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -114,23 +120,38 @@ pub enum DomainCommand {
 
 #[derive(Debug, Args)]
 pub struct DeliveriesArgs {
+    /// Only this tenant's requests.
     #[arg(long)]
     pub tenant: Option<Uuid>,
+    /// Only requests with this address in to, cc or bcc.
     #[arg(long)]
     pub recipient: Option<String>,
-    /// RFC 3339 time, for example 2026-12-04T10:00:00Z.
-    #[arg(long)]
+    /// Requests created at or after this time: RFC 3339 (2026-12-04T10:00:00Z) or a UTC date (2026-12-04).
+    #[arg(long, value_parser = parse_time)]
     pub since: Option<DateTime<Utc>>,
-    #[arg(long)]
+    /// Requests created before this time, in the same forms as --since.
+    #[arg(long, value_parser = parse_time)]
     pub until: Option<DateTime<Utc>>,
-    /// sent, deferred, failed, blocked, shadowed, invalid or processing.
-    #[arg(long)]
+    /// Only this status.
+    #[arg(long, value_parser = ["processing", "deferred", "sent", "failed", "blocked", "shadowed", "invalid"])]
     pub status: Option<String>,
-    /// Most rows shown, newest first.
+    /// Maximum rows shown, newest first.
     #[arg(long, default_value_t = 100)]
     pub limit: i64,
+    /// Print one JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Parses an RFC 3339 time or a plain date, taken as midnight UTC.
+fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Ok(time.with_timezone(&Utc));
+    }
+    if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(date.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    Err(format!("\"{text}\" is not a time; write RFC 3339 like 2026-12-04T10:00:00Z or a date like 2026-12-04"))
 }
 
 /// An error with the exit status it maps to.
@@ -193,7 +214,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::Usage(format!("invalid --plan {plan}: write starter, growth or enterprise")));
             }
             check_email("--owner-email", &owner_email)?;
-            let pool = store::connect(&settings.database).await?;
+            let pool = store::connect(&settings.database, store::Patience::Once).await?;
             let created = store::create_tenant(&pool, &name, &owner_email, &plan).await?;
             if json {
                 println!("{}", serde_json::json!({"tenant_id": created.tenant_id, "owner_user_id": created.owner_user_id}));
@@ -208,7 +229,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::Usage(format!("invalid --role {role}: write owner, admin or agent")));
             }
             check_email("--email", &email)?;
-            let pool = store::connect(&settings.database).await?;
+            let pool = store::connect(&settings.database, store::Patience::Once).await?;
             let user_id = store::add_member(&pool, tenant, actor, &email, &role).await?;
             if json {
                 println!("{}", serde_json::json!({"user_id": user_id}));
@@ -233,18 +254,18 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::Usage("missing --reason: say why the DNS check is skipped; it goes to the audit log".into()));
             }
             let domain = ascii_domain(&domain).ok_or_else(|| CliError::Usage(format!("invalid --domain {domain}: write a host name like mail.example.com")))?;
-            let pool = store::connect(&settings.database).await?;
+            let pool = store::connect(&settings.database, store::Patience::Once).await?;
             store::mark_domain_verified(&pool, tenant, &domain, &reason).await?;
             println!("domain {domain} marked verified for tenant {tenant}");
             Ok(())
         }
-        Command::Send { files } => {
+        Command::Send { files, no_validate } => {
             let settings = Settings::load(config, &[])?;
-            send_files(&settings, &files).await
+            send_files(&settings, &files, !no_validate).await
         }
         Command::Deliveries(args) => {
             let settings = Settings::load(config, &[])?;
-            let pool = store::connect(&settings.database).await?;
+            let pool = store::connect(&settings.database, store::Patience::Once).await?;
             let filter = store::DeliveryFilter {
                 tenant_id: args.tenant,
                 recipient: args.recipient.map(|r| crate::address::Address::parse(&r).map(|a| a.to_string()).unwrap_or(r)),
@@ -298,7 +319,7 @@ pub async fn add_domain(settings: &Settings, tenant: Uuid, domain: &str, actor: 
     let key = dkim::generate_key().map_err(|err| CliError::Runtime(err.into()))?;
     let selector = format!("ob{}", Utc::now().format("%Y%m%d"));
     let token = Uuid::new_v4().simple().to_string();
-    let pool = store::connect(&settings.database).await?;
+    let pool = store::connect(&settings.database, store::Patience::Once).await?;
     store::add_domain(
         &pool,
         store::NewDomain {
@@ -354,7 +375,9 @@ fn print_records(added: &AddedDomain) {
     }
 }
 
-async fn send_files(settings: &Settings, files: &[String]) -> Result<(), CliError> {
+/// Publishes each file as a send request. With `validate`, every file is checked first and
+/// nothing is published unless all pass.
+async fn send_files(settings: &Settings, files: &[String], validate: bool) -> Result<(), CliError> {
     let mut bodies = Vec::new();
     for file in files {
         let body = if file == "-" {
@@ -364,8 +387,16 @@ async fn send_files(settings: &Settings, files: &[String]) -> Result<(), CliErro
         } else {
             std::fs::read(file).map_err(|err| CliError::Usage(format!("cannot read {file}: {err}")))?
         };
-        // The routing key is the tenant id. An unreadable file is published too, so the
-        // service reports it as invalid like any other producer's mistake.
+        if validate {
+            if let Err(invalid) = crate::request::parse(&body, &settings.limits) {
+                return Err(CliError::Usage(format!(
+                    "{file} is not a valid send request ({}): {} Nothing was published; fix the file, or pass --no-validate to publish it anyway.",
+                    invalid.reason.as_str(),
+                    invalid.detail
+                )));
+            }
+        }
+        // The routing key is the tenant id, or "unknown" for a file without a readable one.
         let routing_key = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|value| value.get("tenant_id").and_then(|id| id.as_str()).map(str::to_string))
@@ -373,7 +404,7 @@ async fn send_files(settings: &Settings, files: &[String]) -> Result<(), CliErro
         bodies.push((file.clone(), routing_key, body));
     }
 
-    let connection = broker::connect(&settings.amqp).await.map_err(|err| CliError::Runtime(err.into()))?;
+    let connection = broker::connect(&settings.amqp, false).await.map_err(|err| CliError::Runtime(err.into()))?;
     let channel = connection.create_channel().await.map_err(|err| CliError::Runtime(err.into()))?;
     channel
         .confirm_select(lapin::options::ConfirmSelectOptions::default())

@@ -25,7 +25,7 @@ use crate::{broker, startup, store, telemetry};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Folder for the signed messages (used when OUTBOUND_SMTP_URL is not set).
+    /// Folder for the signed messages, one subfolder per run (used when OUTBOUND_SMTP_URL is not set).
     #[arg(long, default_value = "outbound-demo")]
     pub output: PathBuf,
     /// Seconds to wait for every result before giving up.
@@ -43,7 +43,9 @@ pub async fn run(config: Option<&Path>, args: DemoArgs) -> Result<(), CliError> 
     let mut settings = Settings::load(config, &[])?;
     telemetry::init_tracing(&settings.log);
     let output = std::path::absolute(&args.output).map_err(|err| CliError::Usage(format!("invalid --output: {err}")))?;
-    let messages_dir = output.join("messages");
+    // Each run writes to its own folder, because each run makes new domains and keys.
+    let suffix = Uuid::new_v4().simple().to_string()[..8].to_string();
+    let messages_dir = output.join(format!("run-{suffix}"));
     if settings.smtp.url.is_none() {
         settings.smtp.url = Some(SmtpTarget::Directory(messages_dir.clone()));
     }
@@ -60,14 +62,13 @@ pub async fn run(config: Option<&Path>, args: DemoArgs) -> Result<(), CliError> 
     println!("Migrating {} ...", crate::configuration::redact_url(&settings.database.url));
     let pool = startup::migrate(&settings).await?;
 
-    let suffix = Uuid::new_v4().simple().to_string()[..8].to_string();
     let live = demo_tenant(&settings, &pool, &format!("Demo Store {suffix}"), &format!("store-{suffix}.demo.example")).await?;
     let disabled = demo_tenant(&settings, &pool, &format!("Disabled Store {suffix}"), &format!("disabled-{suffix}.demo.example")).await?;
     store::set_outbound_enabled(&pool, disabled.tenant_id, false, &disabled.owner.to_string()).await?;
     println!("Created tenant {} with verified domain {}", live.tenant_id, live.domain);
     println!("Created tenant {} with outbound disabled\n", disabled.tenant_id);
 
-    let connection = broker::connect(&settings.amqp).await.map_err(|err| CliError::Runtime(err.into()))?;
+    let connection = broker::connect(&settings.amqp, false).await.map_err(|err| CliError::Runtime(err.into()))?;
     let channel = connection.create_channel().await.map_err(|err| CliError::Runtime(err.into()))?;
     channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|err| CliError::Runtime(err.into()))?;
     let results_queue = channel
@@ -136,6 +137,13 @@ pub async fn run(config: Option<&Path>, args: DemoArgs) -> Result<(), CliError> 
         _ => println!("\nSigned messages went to the relay in OUTBOUND_SMTP_URL."),
     }
     println!("DKIM public key of {} (p= value): {}", live.domain, live.public_key);
+    if let Some(SmtpTarget::Directory(dir)) = &settings.smtp.url {
+        println!(
+            "Check the signatures with an independent verifier:\n  python3 tests/support/dkim_verify.py --public-key {} {}/*.eml",
+            live.public_key,
+            dir.display()
+        );
+    }
     Ok(())
 }
 

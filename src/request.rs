@@ -195,6 +195,12 @@ pub fn parse(body: &[u8], limits: &LimitSettings) -> Result<SendRequest, Invalid
     validate(wire, limits).map_err(|(reason, detail)| invalid(reason, detail))
 }
 
+/// Reads the request id of a body, if it has a readable one, for log lines.
+pub fn peek_request_id(body: &[u8]) -> Option<Uuid> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    readable_ids(&value).request_id
+}
+
 /// Reads the ids that a result needs, tolerating any other damage.
 fn readable_ids(value: &serde_json::Value) -> ReadableIds {
     let text = |field: &str| value.get(field).and_then(|v| v.as_str()).map(str::to_string);

@@ -15,12 +15,8 @@ use crate::worker::{self, Context};
 
 /// Applies database migrations (creating the database if needed) and declares the AMQP topology.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<PgPool> {
-    let pool = store::migrate(&settings.database)
-        .await
-        .map_err(|err| anyhow::anyhow!("{err}; check OUTBOUND_DATABASE_URL and that PostgreSQL is running"))?;
-    let connection = broker::connect(&settings.amqp)
-        .await
-        .map_err(|err| anyhow::anyhow!("{err}; check OUTBOUND_AMQP_URL and that RabbitMQ is running"))?;
+    let pool = store::migrate(&settings.database).await?;
+    let connection = broker::connect(&settings.amqp, true).await?;
     let channel = connection.create_channel().await?;
     broker::declare_topology(&channel).await?;
     let _ = channel.close(200, "done").await;
@@ -66,9 +62,14 @@ pub async fn run_worker(settings: Settings, broker_connected: Arc<AtomicBool>) -
 
 /// Runs the worker until `shutdown` is cancelled.
 pub async fn run_worker_until(settings: Settings, broker_connected: Arc<AtomicBool>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let pool = store::connect(&settings.database)
-        .await
-        .map_err(|err| anyhow::anyhow!("{err}; check OUTBOUND_DATABASE_URL and that PostgreSQL is running"))?;
+    // A signal during the start-up retries stops the worker at once, with nothing in flight.
+    let pool = tokio::select! {
+        pool = store::connect(&settings.database, store::Patience::Retry) => pool?,
+        () = shutdown.cancelled() => {
+            tracing::info!("stopped before the database connection was up");
+            return Ok(());
+        }
+    };
     check_migrations(&pool).await?;
 
     let health = crate::http::Health { metrics: metrics_handle(), pool: pool.clone(), broker_connected: broker_connected.clone() };

@@ -21,6 +21,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("cannot connect to PostgreSQL at {target} ({reason}); check OUTBOUND_DATABASE_URL and that PostgreSQL is running")]
+    Unreachable { target: String, reason: String },
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
@@ -37,24 +39,59 @@ impl StoreError {
         matches!(
             self,
             StoreError::Database(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_))
+                | StoreError::Unreachable { .. }
         )
     }
 }
 
-/// Connects a pool, retrying with backoff for about half a minute so that a worker
-/// started together with its database does not fail at once.
-pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
+/// How long a process waits for PostgreSQL at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Patience {
+    /// One attempt: commands run by a person fail within seconds.
+    Once,
+    /// Retries with backoff for about half a minute, so that a worker started together
+    /// with its database does not fail at once.
+    Retry,
+}
+
+/// Timeout of one connection attempt, the TCP connect and the PostgreSQL start-up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects a pool. The first connection is opened alone, so that an unreachable server
+/// reports its real cause (refused, unknown host, bad password) instead of a pool timeout.
+pub async fn connect(settings: &DatabaseSettings, patience: Patience) -> Result<PgPool, StoreError> {
     let options = PgConnectOptions::from_str(&settings.url)?.log_statements(tracing::log::LevelFilter::Debug);
-    let pool_options = PgPoolOptions::new()
-        .max_connections(settings.max_connections)
-        .acquire_timeout(Duration::from_secs(10));
-    let connect = || pool_options.clone().connect_with(options.clone());
-    let pool = connect
-        .retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(200)).with_max_times(8))
+    let attempt = || async {
+        match tokio::time::timeout(CONNECT_TIMEOUT, sqlx::PgConnection::connect_with(&options)).await {
+            Ok(result) => result,
+            Err(_) => Err(sqlx::Error::PoolTimedOut),
+        }
+    };
+    let attempts = if patience == Patience::Retry { 6 } else { 0 };
+    let first = attempt
+        .retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(500)).with_max_times(attempts))
         .when(|err| matches!(err, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut))
         .notify(|err, delay| tracing::warn!(error = %err, retry_in = ?delay, "database connection failed, retrying"))
-        .await?;
+        .await
+        .map_err(|err| StoreError::Unreachable { target: describe_target(&options), reason: unreachable_reason(&err) })?;
+    let _ = first.close().await;
+
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options);
     Ok(pool)
+}
+
+fn describe_target(options: &PgConnectOptions) -> String {
+    format!("{}:{}/{}", options.get_host(), options.get_port(), options.get_database().unwrap_or("postgres"))
+}
+
+fn unreachable_reason(err: &sqlx::Error) -> String {
+    match err {
+        sqlx::Error::PoolTimedOut => format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        other => other.to_string(),
+    }
 }
 
 /// Creates the database named in the URL when it does not exist, through the
@@ -86,7 +123,7 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<PgPool, StoreError> 
         Err(err) => tracing::debug!(error = %err, "maintenance database not reachable; assuming the database exists"),
     }
 
-    let pool = connect(settings).await?;
+    let pool = connect(settings, Patience::Retry).await?;
     MIGRATOR.run(&pool).await?;
     Ok(pool)
 }

@@ -18,11 +18,19 @@ pub const RESTRICTIONS_ACTIVE: &str = "outbound_tenant_restrictions_active";
 pub const INFLIGHT: &str = "outbound_inflight_messages";
 pub const DEAD_LETTERED: &str = "outbound_dead_lettered_total";
 pub const BROKER_RECONNECTS: &str = "outbound_broker_reconnects_total";
+pub const PROCESSING_ERRORS: &str = "outbound_processing_errors_total";
 
 /// Installs the tracing subscriber on stderr; `RUST_LOG` overrides `log.level`.
 pub fn init_tracing(settings: &LogSettings) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+
+    // PostgreSQL notices such as "relation already exists, skipping" are not news.
+    let default_filter = format!("{},sqlx::postgres::notice=warn", settings.level);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match settings.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
@@ -55,7 +63,16 @@ pub fn init_metrics() -> PrometheusHandle {
     metrics::describe_gauge!(INFLIGHT, "Requests being processed by this process.");
     metrics::describe_counter!(DEAD_LETTERED, "Requests copied to outbound.dead-letter. Any rise means a producer sends bad requests.");
     metrics::describe_counter!(BROKER_RECONNECTS, "Times the worker lost RabbitMQ and connected again.");
+    metrics::describe_counter!(
+        PROCESSING_ERRORS,
+        "Requests whose processing failed before a result was stored, by kind (database, broker, key). Any key error needs an operator."
+    );
+
+    // Series without labels exist from the start, so that dashboards and alerts see zero.
     metrics::gauge!(RESTRICTIONS_ACTIVE).set(0.0);
     metrics::gauge!(INFLIGHT).set(0.0);
+    for counter in [RATE_LIMITED, DEAD_LETTERED, BROKER_RECONNECTS] {
+        metrics::counter!(counter).absolute(0);
+    }
     handle
 }

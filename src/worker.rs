@@ -44,17 +44,26 @@ pub enum WorkError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error(transparent)]
-    Key(#[from] dkim::KeyError),
+    #[error("DKIM key of {domain}: {source}")]
+    Key { domain: String, source: dkim::KeyError },
 }
 
 impl WorkError {
+    /// Returns the metric label of the error: `database`, `broker` or `key`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WorkError::Store(_) => "database",
+            WorkError::Broker(_) => "broker",
+            WorkError::Key { .. } => "key",
+        }
+    }
+
     /// Transient errors leave the request for a later try; permanent ones need an operator.
     pub fn is_transient(&self) -> bool {
         match self {
             WorkError::Store(err) => err.is_transient(),
             WorkError::Broker(_) => true,
-            WorkError::Key(_) => false,
+            WorkError::Key { .. } => false,
         }
     }
 }
@@ -76,12 +85,12 @@ pub async fn run(context: Arc<Context>, broker_connected: Arc<AtomicBool>, shutd
     let mut first_connection = true;
     while !shutdown.is_cancelled() {
         let connection = tokio::select! {
-            connection = broker::connect(&context.settings.amqp) => connection,
+            connection = broker::connect(&context.settings.amqp, true) => connection,
             () = shutdown.cancelled() => break,
         };
         let connection = match connection {
             Ok(connection) => connection,
-            Err(err) if first_connection => return Err(anyhow::anyhow!("{err}; check OUTBOUND_AMQP_URL and that RabbitMQ is running")),
+            Err(err) if first_connection => return Err(err.into()),
             Err(err) => {
                 tracing::error!(error = %err, "RabbitMQ unreachable after retries; trying again");
                 continue;
@@ -175,20 +184,24 @@ async fn handle_delivery(context: &Context, delivery: Delivery) {
     let outcome = process_message(context, &delivery.data, &delivery.properties).await;
     metrics::gauge!(telemetry::INFLIGHT).decrement(1.0);
 
+    let request_id = request::peek_request_id(&delivery.data);
+    if let Err(err) = &outcome {
+        metrics::counter!(telemetry::PROCESSING_ERRORS, "kind" => err.kind()).increment(1);
+    }
     let acknowledged = match outcome {
         Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
-        Err(err @ WorkError::Key(_)) => {
+        Err(err @ WorkError::Key { .. }) => {
             // Key errors happen after the claim, so the request has its row and is not lost:
             // the scheduler tries it again each time its lease ends, until an operator fixes
             // the key.
-            tracing::error!(error = %err, "DKIM key unusable; the request is retried when its lease ends");
+            tracing::error!(request_id = ?request_id, error = %err, "DKIM key unusable; the request is retried when its lease ends");
             delivery.acker.ack(BasicAckOptions::default()).await
         }
         Err(err) => {
             if err.is_transient() {
-                tracing::warn!(error = %err, "processing failed; the request goes back to the queue");
+                tracing::warn!(request_id = ?request_id, error = %err, "processing failed; the request goes back to the queue");
             } else {
-                tracing::error!(error = %err, "processing failed; the request goes back to the queue and may need an operator");
+                tracing::error!(request_id = ?request_id, error = %err, "processing failed; the request goes back to the queue and may need an operator");
             }
             // A short pause keeps a failing database from turning into a redelivery storm.
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -198,7 +211,7 @@ async fn handle_delivery(context: &Context, delivery: Delivery) {
     if let Err(err) = acknowledged {
         // The channel is gone, so the broker redelivers the request; its row makes the
         // second pass publish the stored result instead of sending again.
-        tracing::warn!(error = %err, "acknowledgement failed; the broker will redeliver and the stored state prevents a resend");
+        tracing::warn!(request_id = ?request_id, error = %err, "acknowledgement failed; the broker will redeliver and the stored state prevents a resend");
     }
 }
 
@@ -359,8 +372,10 @@ async fn deliver(context: &Context, request: &SendRequest, prior: Prior) -> Resu
         _ => {
             let envelope = thread_envelope(context, request, &domain.domain).await?;
             let unsigned = compose::compose(request, &envelope);
-            let private_key = dkim::decrypt_private_key(&context.key_encryption_key, &domain.domain, &domain.encrypted_private_key)?;
-            let signed = dkim::Signer::new(&domain.domain, &domain.selector, &private_key)?.sign(&unsigned)?;
+            let key_error = |source| WorkError::Key { domain: domain.domain.clone(), source };
+            let private_key = dkim::decrypt_private_key(&context.key_encryption_key, &domain.domain, &domain.encrypted_private_key).map_err(key_error)?;
+            let signer = dkim::Signer::new(&domain.domain, &domain.selector, &private_key).map_err(key_error)?;
+            let signed = signer.sign(&unsigned).map_err(key_error)?;
             if signed.len() > context.settings.limits.max_message_size {
                 let detail = format!(
                     "The composed message is {} bytes; the limit is {}, so send large files as links.",
@@ -431,7 +446,7 @@ fn sender_block(request: &SendRequest, state: Option<&store::SenderState>) -> Op
     if !state.outbound_enabled {
         return Some((
             Reason::OutboundDisabled,
-            "Outbound email is disabled for this tenant; its owner can enable it with `outbound settings set outbound_enabled=true`.".into(),
+            "Outbound email is disabled for this tenant; its owner must turn the outbound_enabled setting back on before replies can be sent.".into(),
         ));
     }
     let Some(domain_state) = &state.domain else {
@@ -690,6 +705,7 @@ async fn retry_row(context: &Context, row: DeliveryRow) {
     .await;
     metrics::gauge!(telemetry::INFLIGHT).decrement(1.0);
     if let Err(err) = outcome {
+        metrics::counter!(telemetry::PROCESSING_ERRORS, "kind" => err.kind()).increment(1);
         // The lease runs out and another poll takes the row again.
         tracing::warn!(request_id = %request_id, error = %err, "retry attempt failed before a result was stored; it is taken up again after the lease");
     }

@@ -4,7 +4,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::TestEnv;
+use common::{TestEnv, Tenant};
 use outbound::outcome::Status;
 
 fn outbound(env: &TestEnv, args: &[&str]) -> Output {
@@ -125,4 +125,80 @@ async fn bad_arguments_exit_two_with_the_fix() {
 
     let usage = outbound(&env, &["deliveries", "--since", "yesterday"]);
     assert_eq!(usage.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_validates_before_publishing() {
+    let mut env = TestEnv::start().await;
+    let tenant = env.tenant(true).await;
+    let mut body = common::request(&tenant, &["customer@example.net"]);
+    body["subject"] = "Hello\r\nBcc: everyone@victim.example".into();
+    let file = env.spool.path().join("bad.json");
+    std::fs::write(&file, body.to_string()).unwrap();
+
+    let refused = outbound(&env, &["send", file.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("header_injection"), "{stderr}");
+    assert!(stderr.contains("subject"), "{stderr}");
+    assert!(stderr.contains("Nothing was published"), "{stderr}");
+
+    let forced = outbound(&env, &["send", "--no-validate", file.to_str().unwrap()]);
+    assert!(forced.status.success(), "{}", String::from_utf8_lossy(&forced.stderr));
+    env.start_worker();
+    let request_id: uuid::Uuid = body["request_id"].as_str().unwrap().parse().unwrap();
+    let result = env.final_result(request_id).await;
+    assert_eq!(result.status, Status::Invalid);
+    let published_ids: Vec<_> = env.published.iter().filter_map(|p| p.result.request_id).collect();
+    assert_eq!(published_ids, vec![request_id], "only the forced copy was published");
+    env.check_contract();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_services_named_quickly() {
+    let env = TestEnv::start().await;
+    let port = common::free_port();
+
+    let started = std::time::Instant::now();
+    let database = Command::new(env!("CARGO_BIN_EXE_outbound"))
+        .args(["deliveries"])
+        .env("OUTBOUND_DATABASE_URL", format!("postgres://postgres@127.0.0.1:{port}/outbound"))
+        .output()
+        .unwrap();
+    assert_eq!(database.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&database.stderr);
+    assert!(stderr.contains(&format!("cannot connect to PostgreSQL at 127.0.0.1:{port}/outbound")), "{stderr}");
+    assert!(stderr.contains("OUTBOUND_DATABASE_URL"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "a command fails fast: {:?}", started.elapsed());
+
+    let file = env.spool.path().join("request.json");
+    std::fs::write(&file, common::request(&Tenant::placeholder(), &["a@example.net"]).to_string()).unwrap();
+    let broker = Command::new(env!("CARGO_BIN_EXE_outbound"))
+        .args(["send", file.to_str().unwrap()])
+        .env("OUTBOUND_AMQP_URL", format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
+        .output()
+        .unwrap();
+    assert_eq!(broker.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&broker.stderr);
+    assert!(stderr.contains("cannot connect to RabbitMQ"), "{stderr}");
+    assert!(stderr.contains("OUTBOUND_AMQP_URL"), "{stderr}");
+    assert!(!stderr.contains("guest:guest"), "the password is redacted: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_stops_while_waiting_for_database() {
+    let mut env = TestEnv::start().await;
+    env.extra_env = vec![("OUTBOUND_DATABASE_URL".into(), format!("postgres://postgres@127.0.0.1:{}/outbound", common::free_port()))];
+    env.start_worker();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !env.worker_log_text().contains("database connection failed, retrying") {
+        assert!(std::time::Instant::now() < deadline, "{}", env.worker_log_text());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let (status, took) = env.terminate_worker(std::time::Duration::from_secs(10));
+
+    let status = status.expect("the worker stops during its start-up retries");
+    assert!(status.success(), "{status:?}");
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
 }
