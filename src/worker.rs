@@ -83,6 +83,7 @@ pub async fn run(context: Arc<Context>, broker_connected: Arc<AtomicBool>, shutd
     let scheduler = tokio::spawn(scheduler_loop(context.clone(), tracker.clone(), shutdown.clone()));
 
     let mut first_connection = true;
+    let mut drained = false;
     while !shutdown.is_cancelled() {
         let connection = tokio::select! {
             connection = broker::connect(&context.settings.amqp, true) => connection,
@@ -99,23 +100,37 @@ pub async fn run(context: Arc<Context>, broker_connected: Arc<AtomicBool>, shutd
         if !first_connection {
             metrics::counter!(telemetry::BROKER_RECONNECTS).increment(1);
         }
-        first_connection = false;
 
-        match consume(&context, &connection, &tracker, &broker_connected, &shutdown).await {
-            Ok(()) => {}
-            Err(err) => tracing::warn!(error = %err, "RabbitMQ connection lost; reconnecting"),
+        let consumed = consume(&context, &connection, &tracker, &broker_connected, &shutdown).await;
+        let was_consuming = broker_connected.swap(false, Ordering::Relaxed);
+        if let Err(err) = consumed {
+            if first_connection && !was_consuming {
+                // A topology that cannot be declared (a queue of another type, missing
+                // permissions) will not fix itself.
+                let _ = connection.close(200, "start-up failed").await;
+                return Err(anyhow::anyhow!("{err}; check the RabbitMQ vhost and permissions, then run `outbound migrate`"));
+            }
+            tracing::warn!(error = %err, "RabbitMQ connection lost; reconnecting");
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = shutdown.cancelled() => {}
+            }
         }
-        broker_connected.store(false, Ordering::Relaxed);
+        first_connection = false;
 
         if shutdown.is_cancelled() {
             // `consume` has drained the in-flight requests before returning.
+            drained = true;
             let _ = connection.close(200, "worker stopping").await;
             break;
         }
         let _ = connection.close(200, "reconnecting").await;
     }
 
-    tracker.close();
+    if !drained {
+        // Stopped while disconnected: retries started by the scheduler may still run.
+        drain(&context, &tracker).await;
+    }
     let _ = scheduler.await;
     context.relay.close().await;
     Ok(())
