@@ -102,8 +102,8 @@ pub async fn run(config: Option<&Path>, args: DemoArgs) -> Result<(), CliError> 
                 .await
                 .map_err(|err| CliError::Runtime(err.into()))?;
         }
-        let wanted: Vec<Uuid> = batch.iter().filter_map(|s| s.body["request_id"].as_str().and_then(|id| id.parse().ok())).collect();
-        while !wanted.iter().all(|id| finals.contains_key(id)) {
+        let expected: Vec<Uuid> = batch.iter().filter_map(|s| s.body["request_id"].as_str().and_then(|id| id.parse().ok())).collect();
+        while !expected.iter().all(|id| finals.contains_key(id)) {
             let next = tokio::time::timeout_at(deadline, results.next()).await;
             let Ok(Some(Ok(delivery))) = next else {
                 shutdown.cancel();

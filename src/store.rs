@@ -89,7 +89,7 @@ fn describe_target(options: &PgConnectOptions) -> String {
 
 fn unreachable_reason(err: &sqlx::Error) -> String {
     match err {
-        sqlx::Error::PoolTimedOut => format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        sqlx::Error::PoolTimedOut => format!("no response within {} s", CONNECT_TIMEOUT.as_secs()),
         other => other.to_string(),
     }
 }
@@ -405,7 +405,7 @@ pub enum Claim {
     New,
     /// An earlier owner's lease ran out, so this worker took the row over as it was left.
     TakenOver(Box<DeliveryRow>),
-    /// The request was seen before, and the row holds its state.
+    /// The request was seen before, and the row contains its state.
     Existing(Box<DeliveryRow>),
 }
 

@@ -665,7 +665,7 @@ async fn scheduler_loop(context: Arc<Context>, tracker: TaskTracker, shutdown: C
     }
 }
 
-/// Claims up to `free` due rows and runs each in a task that holds one slot.
+/// Claims up to `free` due rows and runs each in a task that keeps one slot until it ends.
 async fn claim_and_spawn(context: &Arc<Context>, tracker: &TaskTracker, slots: &Arc<tokio::sync::Semaphore>, free: usize) {
     match store::claim_due(&context.pool, free as i64, context.settings.worker.lease).await {
         Ok(rows) => {
