@@ -48,8 +48,118 @@ pub enum Command {
         #[arg(long)]
         no_validate: bool,
     },
-    /// The delivery log.
+    /// The delivery log; `deliveries show ID --raw` prints a stored message.
     Deliveries(DeliveriesArgs),
+    /// A tenant's outbound settings (changes are owner only).
+    #[command(subcommand)]
+    Settings(SettingsCommand),
+    /// Automations of a tenant (changes are owner only).
+    #[command(subcommand)]
+    Automation(AutomationCommand),
+    /// Platform-wide operator switches.
+    #[command(subcommand)]
+    Platform(PlatformCommand),
+    /// Recipients a tenant must not mail.
+    #[command(subcommand)]
+    Suppression(SuppressionCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SettingsCommand {
+    /// Print outbound state, domains, plan, limits, restrictions and the latest changes.
+    Show {
+        #[arg(long)]
+        tenant: Uuid,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change settings: outbound_enabled, automation_paused, plan, rate_per_minute, burst.
+    Set {
+        #[arg(long)]
+        tenant: Uuid,
+        /// User id of the member making the change; only the owner may.
+        #[arg(long)]
+        actor: Uuid,
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        changes: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AutomationCommand {
+    /// Create an automation, in shadow mode.
+    Create {
+        #[arg(long)]
+        tenant: Uuid,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        actor: Uuid,
+        /// Print {"automation_id"} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change an automation: mode, shadow_validated, readiness_score, readiness_threshold,
+    /// revalidated (now or RFC 3339), revalidation_interval_days.
+    Set {
+        #[arg(long)]
+        tenant: Uuid,
+        #[arg(long)]
+        automation: Uuid,
+        #[arg(long)]
+        actor: Uuid,
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        changes: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlatformCommand {
+    /// Turn the global switch for automated sending on (block) or off.
+    KillSwitch {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        /// Why; stored in the audit log.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SuppressionCommand {
+    Add {
+        #[arg(long)]
+        tenant: Uuid,
+        address: String,
+    },
+    Remove {
+        #[arg(long)]
+        tenant: Uuid,
+        address: String,
+    },
+    List {
+        #[arg(long)]
+        tenant: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RestrictionsCommand {
+    /// Restrictions in force, placed by abnormal-pattern detection.
+    List {
+        #[arg(long)]
+        tenant: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clear every restriction of the tenant (operator command).
+    Clear {
+        #[arg(long)]
+        tenant: Uuid,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,6 +182,9 @@ pub enum TenantCommand {
     /// Tenant members.
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Restrictions placed by abnormal-pattern detection.
+    #[command(subcommand)]
+    Restrictions(RestrictionsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,8 +231,22 @@ pub enum DomainCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCommand {
+    /// Print one request's stored signed message (as sent, or as it would be in shadow mode).
+    Show {
+        request_id: Uuid,
+        /// Print the raw RFC 5322 message.
+        #[arg(long)]
+        raw: bool,
+    },
+}
+
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct DeliveriesArgs {
+    #[command(subcommand)]
+    pub show: Option<DeliveriesCommand>,
     /// Only this tenant's requests.
     #[arg(long)]
     pub tenant: Option<Uuid>,
@@ -259,9 +386,92 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             println!("domain {domain} marked verified for tenant {tenant}");
             Ok(())
         }
+        Command::Settings(SettingsCommand::Show { tenant, json }) => {
+            let pool = connect_pool(config).await?;
+            let settings = store::tenant_settings(&pool, tenant).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&settings).expect("settings serialize"));
+            } else {
+                print_settings(&settings);
+            }
+            Ok(())
+        }
+        Command::Settings(SettingsCommand::Set { tenant, actor, changes }) => {
+            let parsed = crate::changes::tenant_changes(&changes).map_err(CliError::Usage)?;
+            let pool = connect_pool(config).await?;
+            store::set_tenant_settings(&pool, tenant, actor, &parsed).await?;
+            println!("updated {} setting(s) of tenant {tenant}", parsed.len());
+            Ok(())
+        }
+        Command::Automation(AutomationCommand::Create { tenant, name, actor, json }) => {
+            if name.trim().is_empty() {
+                return Err(CliError::Usage("missing --name: give the automation a name".into()));
+            }
+            let pool = connect_pool(config).await?;
+            let automation_id = store::create_automation(&pool, tenant, actor, &name).await?;
+            if json {
+                println!("{}", serde_json::json!({"automation_id": automation_id}));
+            } else {
+                println!("automation_id  {automation_id}  (mode shadow)");
+            }
+            Ok(())
+        }
+        Command::Automation(AutomationCommand::Set { tenant, automation, actor, changes }) => {
+            let parsed = crate::changes::automation_changes(&changes, Utc::now()).map_err(CliError::Usage)?;
+            let pool = connect_pool(config).await?;
+            store::set_automation(&pool, tenant, automation, actor, &parsed).await?;
+            println!("updated {} setting(s) of automation {automation}", parsed.len());
+            Ok(())
+        }
+        Command::Platform(PlatformCommand::KillSwitch { state, reason }) => {
+            if reason.trim().is_empty() {
+                return Err(CliError::Usage("missing --reason: say why; it goes to the audit log".into()));
+            }
+            let pool = connect_pool(config).await?;
+            store::set_kill_switch(&pool, state == "on", &reason).await?;
+            println!("kill switch {state}: automated sending is {}", if state == "on" { "blocked" } else { "allowed" });
+            Ok(())
+        }
+        Command::Suppression(command) => suppression(config, command).await,
+        Command::Tenant(TenantCommand::Restrictions(RestrictionsCommand::List { tenant, json })) => {
+            let pool = connect_pool(config).await?;
+            let restrictions = store::list_restrictions(&pool, tenant).await?;
+            if json {
+                println!("{}", serde_json::Value::Array(restrictions));
+            } else if restrictions.is_empty() {
+                println!("no restrictions in force for tenant {tenant}");
+            } else {
+                for restriction in restrictions {
+                    println!("{} {} scope={} since {} evidence {}", restriction["id"], restriction["detector"], restriction["scope"], restriction["created_at"], restriction["evidence"]);
+                }
+            }
+            Ok(())
+        }
+        Command::Tenant(TenantCommand::Restrictions(RestrictionsCommand::Clear { tenant })) => {
+            let pool = connect_pool(config).await?;
+            let cleared = store::clear_restrictions(&pool, tenant).await?;
+            println!("cleared {cleared} restriction(s) of tenant {tenant}");
+            Ok(())
+        }
         Command::Send { files, no_validate } => {
             let settings = Settings::load(config, &[])?;
             send_files(&settings, &files, !no_validate).await
+        }
+        Command::Deliveries(DeliveriesArgs { show: Some(DeliveriesCommand::Show { request_id, raw }), .. }) => {
+            let settings = Settings::load(config, &[])?;
+            let pool = store::connect(&settings.database, store::Patience::Once).await?;
+            let Some(message) = store::stored_message(&pool, request_id).await? else {
+                return Err(CliError::Usage(format!("request {request_id} has no stored message (it was blocked or invalid before composing)")));
+            };
+            if raw {
+                use std::io::Write as _;
+                std::io::stdout().write_all(&message).map_err(|err| CliError::Runtime(err.into()))?;
+            } else {
+                let text = String::from_utf8_lossy(&message);
+                let head = text.split("\r\n\r\n").next().unwrap_or_default();
+                println!("{}\n\n({} bytes; --raw prints the whole message)", head.replace("\r\n", "\n"), message.len());
+            }
+            Ok(())
         }
         Command::Deliveries(args) => {
             let settings = Settings::load(config, &[])?;
@@ -282,6 +492,62 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
+    }
+}
+
+async fn connect_pool(config: Option<&std::path::Path>) -> Result<sqlx::PgPool, CliError> {
+    let settings = Settings::load(config, &[])?;
+    Ok(store::connect(&settings.database, store::Patience::Once).await?)
+}
+
+async fn suppression(config: Option<&std::path::Path>, command: SuppressionCommand) -> Result<(), CliError> {
+    let normalize = |address: &str| {
+        crate::address::Address::parse(address)
+            .map(|parsed| parsed.to_string())
+            .map_err(|err| CliError::Usage(format!("invalid address {address}: {err}")))
+    };
+    match command {
+        SuppressionCommand::Add { tenant, address } => {
+            let address = normalize(&address)?;
+            let pool = connect_pool(config).await?;
+            store::add_suppression(&pool, tenant, &address).await?;
+            println!("suppressed {address} for tenant {tenant}");
+        }
+        SuppressionCommand::Remove { tenant, address } => {
+            let address = normalize(&address)?;
+            let pool = connect_pool(config).await?;
+            if !store::remove_suppression(&pool, tenant, &address).await? {
+                return Err(CliError::Usage(format!("{address} is not on the suppression list of tenant {tenant}")));
+            }
+            println!("removed {address} from the suppression list of tenant {tenant}");
+        }
+        SuppressionCommand::List { tenant, json } => {
+            let pool = connect_pool(config).await?;
+            let entries = store::list_suppressions(&pool, tenant).await?;
+            if json {
+                println!("{}", serde_json::Value::Array(entries));
+            } else {
+                for entry in entries {
+                    println!("{}", entry["address"].as_str().unwrap_or_default());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_settings(settings: &serde_json::Value) {
+    for key in ["tenant_id", "name", "plan", "outbound_enabled", "automation_paused", "rate_per_minute", "burst"] {
+        println!("{key:<18} {}", settings[key]);
+    }
+    println!("domains");
+    for domain in settings["domains"].as_array().into_iter().flatten() {
+        println!("  {} selector={} status={}", domain["domain"], domain["selector"], domain["status"]);
+    }
+    println!("restrictions       {}", settings["restrictions"].as_array().map(Vec::len).unwrap_or(0));
+    println!("recent changes");
+    for change in settings["recent_changes"].as_array().into_iter().flatten() {
+        println!("  {} {} {} {}: {} -> {}", change["at"], change["actor"], change["action"], change["subject"], change["old"], change["new"]);
     }
 }
 

@@ -4,11 +4,13 @@
 
 pub mod address;
 pub mod broker;
+pub mod changes;
 pub mod cli;
 pub mod compose;
 pub mod configuration;
 pub mod demo;
 pub mod dkim;
+pub mod governance;
 pub mod http;
 pub mod outcome;
 pub mod relay;

@@ -688,3 +688,293 @@ pub async fn list_deliveries(pool: &PgPool, filter: &DeliveryFilter) -> Result<V
         })
         .collect())
 }
+
+// ---------------------------------------------------------------------------------
+// Governance.
+
+/// Reads the state that checks 3 and 4 need, at the moment of the check.
+pub async fn governance_state(
+    pool: &PgPool,
+    tenant_id: Uuid,
+    automated: bool,
+    automation_id: Option<Uuid>,
+    recipients: &[String],
+    conversation_id: &str,
+    request_id: Uuid,
+) -> Result<crate::governance::GovernanceState, StoreError> {
+    use crate::governance::{Automation, GovernanceState, Restriction, LOOP_WINDOW_HOURS};
+
+    let restriction = sqlx::query(
+        "SELECT detector, scope FROM tenant_restrictions
+         WHERE tenant_id = $1 AND cleared_at IS NULL AND (expires_at IS NULL OR expires_at > now())
+           AND (scope = 'all' OR (scope = 'automation' AND $2))
+         ORDER BY created_at LIMIT 1",
+    )
+    .bind(tenant_id)
+    .bind(automated)
+    .fetch_optional(pool)
+    .await?
+    .map(|row| Restriction { detector: row.get("detector"), scope: row.get("scope") });
+
+    let suppressed_recipient: Option<String> =
+        sqlx::query_scalar("SELECT address FROM suppressions WHERE tenant_id = $1 AND address = ANY ($2) ORDER BY address LIMIT 1")
+            .bind(tenant_id)
+            .bind(recipients)
+            .fetch_optional(pool)
+            .await?;
+
+    let mut state = GovernanceState { restriction, suppressed_recipient, ..GovernanceState::default() };
+    if !automated {
+        return Ok(state);
+    }
+
+    let row = sqlx::query(
+        "SELECT p.kill_switch, t.automation_paused,
+                a.id AS automation, a.mode, a.shadow_validated, a.readiness_score, a.readiness_threshold,
+                a.revalidated_at, a.revalidation_interval_days
+         FROM platform_settings p
+         CROSS JOIN tenants t
+         LEFT JOIN automations a ON a.tenant_id = t.id AND a.id = $2
+         WHERE t.id = $1",
+    )
+    .bind(tenant_id)
+    .bind(automation_id)
+    .fetch_one(pool)
+    .await?;
+    state.kill_switch = row.get("kill_switch");
+    state.automation_paused = row.get("automation_paused");
+    state.automation = row.get::<Option<Uuid>, _>("automation").map(|_| Automation {
+        mode: row.get("mode"),
+        shadow_validated: row.get("shadow_validated"),
+        readiness_score: row.get("readiness_score"),
+        readiness_threshold: row.get("readiness_threshold"),
+        revalidated_at: row.get("revalidated_at"),
+        revalidation_interval_days: row.get("revalidation_interval_days"),
+    });
+
+    state.recent_automated_messages = sqlx::query_scalar(
+        "SELECT coalesce(max(sent), 0) FROM (
+             SELECT count(*) AS sent FROM deliveries d, unnest(d.recipients) AS recipient
+             WHERE d.tenant_id = $1 AND d.conversation_id = $2 AND d.origin = 'automation' AND d.request_id <> $3
+               AND d.status IN ('sent', 'deferred', 'processing') AND d.message_id IS NOT NULL
+               AND d.created_at > now() - make_interval(hours => $4)
+               AND recipient = ANY ($5)
+             GROUP BY recipient) AS per_recipient",
+    )
+    .bind(tenant_id)
+    .bind(conversation_id)
+    .bind(request_id)
+    .bind(LOOP_WINDOW_HOURS as i32)
+    .bind(recipients)
+    .fetch_one(pool)
+    .await?;
+    Ok(state)
+}
+
+/// A `KEY=VALUE` change of `settings set` or `automation set`, parsed and checked.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub column: &'static str,
+    pub value: serde_json::Value,
+}
+
+/// Applies tenant setting changes for an owner, with one audit entry per key.
+pub async fn set_tenant_settings(pool: &PgPool, tenant_id: Uuid, actor: Uuid, changes: &[Change]) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    require_owner(&mut tx, tenant_id, actor).await?;
+    for change in changes {
+        let select = format!("SELECT to_jsonb({}) FROM tenants WHERE id = $1 FOR UPDATE", change.column);
+        let old: Option<serde_json::Value> = sqlx::query_scalar(&select).bind(tenant_id).fetch_one(&mut *tx).await?;
+        let old = old.unwrap_or(serde_json::Value::Null);
+        let update = format!(
+            "UPDATE tenants SET {} = (jsonb_populate_record(NULL::tenants, jsonb_build_object('{}', $2::jsonb))).{} WHERE id = $1",
+            change.column, change.column, change.column
+        );
+        sqlx::query(&update).bind(tenant_id).bind(&change.value).execute(&mut *tx).await?;
+        audit(&mut tx, Some(tenant_id), &actor.to_string(), "settings.set", Some(change.column), Some(old), Some(change.value.clone()), None).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn create_automation(pool: &PgPool, tenant_id: Uuid, actor: Uuid, name: &str) -> Result<Uuid, StoreError> {
+    let mut tx = pool.begin().await?;
+    require_owner(&mut tx, tenant_id, actor).await?;
+    let automation_id = Uuid::new_v4();
+    sqlx::query("INSERT INTO automations (id, tenant_id, name) VALUES ($1, $2, $3)")
+        .bind(automation_id)
+        .bind(tenant_id)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    let value = serde_json::json!({"automation_id": automation_id, "name": name, "mode": "shadow"});
+    audit(&mut tx, Some(tenant_id), &actor.to_string(), "automation.create", Some(&automation_id.to_string()), None, Some(value), None).await?;
+    tx.commit().await?;
+    Ok(automation_id)
+}
+
+/// Applies automation setting changes for an owner, with one audit entry per key.
+pub async fn set_automation(pool: &PgPool, tenant_id: Uuid, automation_id: Uuid, actor: Uuid, changes: &[Change]) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    require_owner(&mut tx, tenant_id, actor).await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM automations WHERE id = $1 AND tenant_id = $2)")
+        .bind(automation_id)
+        .bind(tenant_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !exists {
+        return Err(StoreError::NotFound(format!("automation {automation_id} not found for tenant {tenant_id}; check --automation")));
+    }
+    for change in changes {
+        let select = format!("SELECT to_jsonb({}) FROM automations WHERE id = $1 FOR UPDATE", change.column);
+        let old: Option<serde_json::Value> = sqlx::query_scalar(&select).bind(automation_id).fetch_one(&mut *tx).await?;
+        let old = old.unwrap_or(serde_json::Value::Null);
+        let update = format!(
+            "UPDATE automations SET {} = (jsonb_populate_record(NULL::automations, jsonb_build_object('{}', $2::jsonb))).{} WHERE id = $1",
+            change.column, change.column, change.column
+        );
+        sqlx::query(&update).bind(automation_id).bind(&change.value).execute(&mut *tx).await?;
+        let subject = format!("{automation_id}.{}", change.column);
+        audit(&mut tx, Some(tenant_id), &actor.to_string(), "automation.set", Some(&subject), Some(old), Some(change.value.clone()), None).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Turns the platform kill switch on or off, with an audit entry.
+pub async fn set_kill_switch(pool: &PgPool, on: bool, reason: &str) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let old: bool = sqlx::query_scalar("SELECT kill_switch FROM platform_settings FOR UPDATE").fetch_one(&mut *tx).await?;
+    sqlx::query("UPDATE platform_settings SET kill_switch = $1, kill_switch_reason = $2, changed_at = now()")
+        .bind(on)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+    audit(&mut tx, None, "operator", "platform.kill_switch", None, Some(old.into()), Some(on.into()), Some(reason)).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn add_suppression(pool: &PgPool, tenant_id: Uuid, address: &str) -> Result<(), StoreError> {
+    require_tenant(pool, tenant_id).await?;
+    sqlx::query("INSERT INTO suppressions (tenant_id, address) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(tenant_id)
+        .bind(address)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub async fn remove_suppression(pool: &PgPool, tenant_id: Uuid, address: &str) -> Result<bool, StoreError> {
+    let removed = sqlx::query("DELETE FROM suppressions WHERE tenant_id = $1 AND address = $2")
+        .bind(tenant_id)
+        .bind(address)
+        .execute(pool)
+        .await?;
+    Ok(removed.rows_affected() == 1)
+}
+
+pub async fn list_suppressions(pool: &PgPool, tenant_id: Uuid) -> Result<Vec<serde_json::Value>, StoreError> {
+    let rows = sqlx::query("SELECT address, created_at FROM suppressions WHERE tenant_id = $1 ORDER BY address")
+        .bind(tenant_id)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| serde_json::json!({"address": row.get::<String, _>("address"), "created_at": row.get::<DateTime<Utc>, _>("created_at")}))
+        .collect())
+}
+
+pub async fn list_restrictions(pool: &PgPool, tenant_id: Uuid) -> Result<Vec<serde_json::Value>, StoreError> {
+    require_tenant(pool, tenant_id).await?;
+    let rows = sqlx::query(
+        "SELECT id, detector, scope, evidence, created_at, expires_at FROM tenant_restrictions
+         WHERE tenant_id = $1 AND cleared_at IS NULL AND (expires_at IS NULL OR expires_at > now())
+         ORDER BY created_at",
+    )
+    .bind(tenant_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            serde_json::json!({
+                "id": row.get::<Uuid, _>("id"),
+                "detector": row.get::<String, _>("detector"),
+                "scope": row.get::<String, _>("scope"),
+                "evidence": row.get::<serde_json::Value, _>("evidence"),
+                "created_at": row.get::<DateTime<Utc>, _>("created_at"),
+                "expires_at": row.get::<Option<DateTime<Utc>>, _>("expires_at"),
+            })
+        })
+        .collect())
+}
+
+/// Clears every active restriction of a tenant; returns how many were cleared.
+pub async fn clear_restrictions(pool: &PgPool, tenant_id: Uuid) -> Result<u64, StoreError> {
+    require_tenant(pool, tenant_id).await?;
+    let mut tx = pool.begin().await?;
+    let cleared = sqlx::query("UPDATE tenant_restrictions SET cleared_at = now() WHERE tenant_id = $1 AND cleared_at IS NULL")
+        .bind(tenant_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    audit(&mut tx, Some(tenant_id), "operator", "restrictions.clear", None, None, Some(cleared.into()), None).await?;
+    tx.commit().await?;
+    Ok(cleared)
+}
+
+async fn require_tenant(pool: &PgPool, tenant_id: Uuid) -> Result<(), StoreError> {
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE id = $1)").bind(tenant_id).fetch_one(pool).await?;
+    if exists {
+        Ok(())
+    } else {
+        Err(StoreError::NotFound(format!("tenant {tenant_id} not found; check the --tenant id")))
+    }
+}
+
+/// The tenant's settings, domains, active restrictions and latest audited changes.
+pub async fn tenant_settings(pool: &PgPool, tenant_id: Uuid) -> Result<serde_json::Value, StoreError> {
+    require_tenant(pool, tenant_id).await?;
+    let tenant: serde_json::Value = sqlx::query_scalar(
+        "SELECT jsonb_build_object('tenant_id', id, 'name', name, 'plan', plan, 'outbound_enabled', outbound_enabled,
+                'automation_paused', automation_paused, 'rate_per_minute', rate_per_minute, 'burst', burst)
+         FROM tenants WHERE id = $1",
+    )
+    .bind(tenant_id)
+    .fetch_one(pool)
+    .await?;
+    let domains: serde_json::Value = sqlx::query_scalar(
+        "SELECT coalesce(jsonb_agg(jsonb_build_object('domain', domain, 'selector', selector, 'status', status, 'verified_at', verified_at) ORDER BY domain), '[]')
+         FROM sending_domains WHERE tenant_id = $1",
+    )
+    .bind(tenant_id)
+    .fetch_one(pool)
+    .await?;
+    let changes: serde_json::Value = sqlx::query_scalar(
+        "SELECT coalesce(jsonb_agg(entry ORDER BY (entry->>'id')::bigint DESC), '[]') FROM (
+             SELECT jsonb_build_object('id', id, 'actor', actor, 'action', action, 'subject', subject, 'old', old_value,
+                    'new', new_value, 'reason', reason, 'at', created_at) AS entry
+             FROM audit_log WHERE tenant_id = $1 ORDER BY id DESC LIMIT 10) AS latest",
+    )
+    .bind(tenant_id)
+    .fetch_one(pool)
+    .await?;
+    let mut settings = tenant;
+    settings["domains"] = domains;
+    settings["restrictions"] = serde_json::Value::Array(list_restrictions(pool, tenant_id).await?);
+    settings["recent_changes"] = changes;
+    Ok(settings)
+}
+
+/// The signed message stored for a request, as sent or, for shadow mode, as it would be.
+pub async fn stored_message(pool: &PgPool, request_id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
+    let message: Option<Option<Vec<u8>>> = sqlx::query_scalar("SELECT signed_message FROM deliveries WHERE request_id = $1")
+        .bind(request_id)
+        .fetch_optional(pool)
+        .await?;
+    match message {
+        None => Err(StoreError::NotFound(format!("no request {request_id} in the delivery log"))),
+        Some(message) => Ok(message),
+    }
+}

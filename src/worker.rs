@@ -27,6 +27,7 @@ use crate::broker::{self, BrokerError, Publisher};
 use crate::compose::{self, Envelope};
 use crate::configuration::{KeyEncryptionKey, Settings};
 use crate::dkim;
+use crate::governance::{self, Verdict};
 use crate::outcome::{timestamp, DeliveryResult, Reason, RecipientOutcome, RecipientStatus, Status, RESULT_SCHEMA};
 use crate::relay::{Relay, RelayReport};
 use crate::request::{self, Origin, SendRequest};
@@ -371,15 +372,29 @@ async fn deliver(context: &Context, request: &SendRequest, prior: Prior) -> Resu
     }
 
     // Check 2: tenant, outbound switch, sender domain and its verification.
-    // TODO: checks 3 (tenant restrictions, suppression list) and 4 (automation governance:
-    // kill switch, pause, shadow mode, readiness, reply loops) are not implemented yet, so
-    // automated replies are sent like agent replies, with Auto-Submitted set.
     let domain_name = request.from.address.domain();
     let state = store::sender_state(&context.pool, request.tenant_id, domain_name).await?;
     if let Some((reason, detail)) = sender_block(request, state.as_ref()) {
         return finish(context, base.result(Status::Blocked, Some(reason), detail, None, vec![]), None).await;
     }
     let domain = state.and_then(|state| state.domain).expect("sender_block passed, so the domain exists");
+
+    // Checks 3 and 4: restrictions, suppressions and, for automated replies, governance.
+    let recipients: Vec<String> = request.recipients().map(|m| m.address.to_string()).collect();
+    let governance = store::governance_state(
+        &context.pool,
+        request.tenant_id,
+        request.origin == Origin::Automation,
+        request.automation_id,
+        &recipients,
+        &request.conversation_id,
+        request.request_id,
+    )
+    .await?;
+    let verdict = governance::decide(request, &governance, Utc::now());
+    if let Verdict::Block(reason, detail) = verdict {
+        return finish(context, base.result(Status::Blocked, Some(reason), detail, None, vec![]), None).await;
+    }
 
     // Compose and sign once; retries send the stored bytes with the same Message-ID.
     let (message_id, signed) = match (prior.message_id.clone(), prior.signed_message.clone()) {
@@ -403,6 +418,11 @@ async fn deliver(context: &Context, request: &SendRequest, prior: Prior) -> Resu
             (envelope.message_id, signed)
         }
     };
+
+    if verdict == Verdict::Shadow {
+        let detail = "The automation is in shadow mode: the message was composed and signed for review, and nothing was sent.".to_string();
+        return finish(context, base.result(Status::Shadowed, Some(Reason::ShadowMode), detail, Some(message_id), vec![]), None).await;
+    }
 
     // Relay to the recipients that have no final reply yet.
     let pending: Vec<Address> = request
