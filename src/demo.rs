@@ -1,8 +1,9 @@
 //! `outbound demo`: the newcomer's first run on the local PostgreSQL and RabbitMQ.
 //!
-//! It migrates, creates a demo tenant with a verified domain (and a second tenant with
-//! outbound disabled), publishes sample requests, runs the worker in this process until
-//! each has its final result, and prints the results. Signed messages stay on disk.
+//! It migrates and creates demo tenants with verified domains, one of them with outbound
+//! disabled and one with automated replies paused. It publishes sample requests, runs the
+//! worker in this process until each has its final result, and prints the results.
+//! Signed messages stay on disk.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -66,7 +67,20 @@ pub async fn run(config: Option<&Path>, args: DemoArgs) -> Result<(), CliError> 
     let disabled = demo_tenant(&settings, &pool, &format!("Disabled Store {suffix}"), &format!("disabled-{suffix}.demo.example")).await?;
     store::set_outbound_enabled(&pool, disabled.tenant_id, false, &disabled.owner.to_string()).await?;
     println!("Created tenant {} with verified domain {}", live.tenant_id, live.domain);
-    println!("Created tenant {} with outbound disabled\n", disabled.tenant_id);
+    println!("Created tenant {} with outbound disabled", disabled.tenant_id);
+
+    // Automations: one in shadow mode on the live tenant, and a live one on a third tenant
+    // whose owner paused automated replies.
+    let shadow_automation = store::create_automation(&pool, live.tenant_id, live.owner, "Order status bot").await?;
+    let paused = demo_tenant(&settings, &pool, &format!("Paused Store {suffix}"), &format!("paused-{suffix}.demo.example")).await?;
+    let paused_automation = store::create_automation(&pool, paused.tenant_id, paused.owner, "Returns bot").await?;
+    let live_settings: Vec<String> = ["mode=live", "shadow_validated=true", "readiness_score=0.9", "revalidated=now"].iter().map(|s| s.to_string()).collect();
+    let changes = crate::changes::automation_changes(&live_settings, chrono::Utc::now()).map_err(CliError::Usage)?;
+    store::set_automation(&pool, paused.tenant_id, paused_automation, paused.owner, &changes).await?;
+    let pause = crate::changes::tenant_changes(&["automation_paused=true".to_string()]).map_err(CliError::Usage)?;
+    store::set_tenant_settings(&pool, paused.tenant_id, paused.owner, &pause).await?;
+    println!("Created automation {shadow_automation} in shadow mode, and tenant {} with automated replies paused\n", paused.tenant_id);
+    let automations = DemoAutomations { shadow: shadow_automation, paused: paused_automation };
 
     let connection = broker::connect(&settings.amqp, false).await.map_err(|err| CliError::Runtime(err.into()))?;
     let channel = connection.create_channel().await.map_err(|err| CliError::Runtime(err.into()))?;
@@ -75,7 +89,7 @@ pub async fn run(config: Option<&Path>, args: DemoArgs) -> Result<(), CliError> 
         .queue_declare("", QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
         .await
         .map_err(|err| CliError::Runtime(err.into()))?;
-    for tenant in [live.tenant_id, disabled.tenant_id] {
+    for tenant in [live.tenant_id, disabled.tenant_id, paused.tenant_id] {
         channel
             .queue_bind(results_queue.name().as_str(), broker::RESULTS_EXCHANGE, &format!("*.{tenant}"), QueueBindOptions::default(), FieldTable::default())
             .await
@@ -89,7 +103,7 @@ pub async fn run(config: Option<&Path>, args: DemoArgs) -> Result<(), CliError> 
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(startup::run_worker_until(settings.clone(), Arc::new(AtomicBool::new(false)), shutdown.clone()));
 
-    let samples = samples(&live, &disabled);
+    let samples = samples(&live, &disabled, &paused, &automations);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
     let mut finals: HashMap<Uuid, DeliveryResult> = HashMap::new();
 
@@ -161,7 +175,12 @@ async fn demo_tenant(settings: &Settings, pool: &sqlx::PgPool, name: &str, domai
     Ok(DemoTenant { tenant_id: created.tenant_id, owner: created.owner_user_id, domain: added.domain, public_key: added.public_key })
 }
 
-fn samples(live: &DemoTenant, disabled: &DemoTenant) -> Vec<Sample> {
+struct DemoAutomations {
+    shadow: Uuid,
+    paused: Uuid,
+}
+
+fn samples(live: &DemoTenant, disabled: &DemoTenant, paused_tenant: &DemoTenant, automations: &DemoAutomations) -> Vec<Sample> {
     let conversation = format!("demo-{}", Uuid::new_v4().simple());
     let request = |tenant: &DemoTenant, conversation: &str, subject: &str, text: &str| {
         serde_json::json!({
@@ -184,6 +203,12 @@ fn samples(live: &DemoTenant, disabled: &DemoTenant) -> Vec<Sample> {
     first["references"] = serde_json::json!(["<CAF3x9-inbound-1@mail.customer.example>"]);
     let follow_up = request(live, &conversation, "Re: Where is my order #48213?", "Hi Jamie,\n\nA follow-up: the parcel arrives tomorrow.\n");
     let blocked = request(disabled, &format!("demo-{}", Uuid::new_v4().simple()), "Re: Returns", "This tenant has outbound disabled.\n");
+    let mut shadowed = request(live, &format!("demo-{}", Uuid::new_v4().simple()), "Re: Where is my order #48214?", "Your order ships tomorrow.\n");
+    shadowed["origin"] = "automation".into();
+    shadowed["automation_id"] = automations.shadow.to_string().into();
+    let mut paused = request(paused_tenant, &format!("demo-{}", Uuid::new_v4().simple()), "Re: Return label", "Your return label is ready.\n");
+    paused["origin"] = "automation".into();
+    paused["automation_id"] = automations.paused.to_string().into();
     let mut invalid = request(live, &format!("demo-{}", Uuid::new_v4().simple()), "", "hi");
     invalid["subject"] = "Hello\r\nBcc: everyone@victim.example".into();
 
@@ -191,6 +216,8 @@ fn samples(live: &DemoTenant, disabled: &DemoTenant) -> Vec<Sample> {
         Sample { label: "agent reply", body: first },
         Sample { label: "threaded follow-up", body: follow_up },
         Sample { label: "blocked (outbound disabled)", body: blocked },
+        Sample { label: "automation in shadow mode", body: shadowed },
+        Sample { label: "automation (tenant paused)", body: paused },
         Sample { label: "invalid (header injection)", body: invalid },
     ]
 }

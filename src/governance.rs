@@ -76,7 +76,7 @@ pub fn decide(request: &SendRequest, state: &GovernanceState, now: DateTime<Utc>
         return Verdict::Block(Reason::KillSwitchActive, "The platform kill switch for automated sending is on; automated replies wait until an operator turns it off.".into());
     }
     if state.automation_paused {
-        return Verdict::Block(Reason::AutomationPaused, "Automated replies are paused for this tenant; its owner can resume them with automation_paused=false.".into());
+        return Verdict::Block(Reason::AutomationPaused, "Automated replies are paused for this tenant; its owner can resume them with `outbound settings set automation_paused=false`.".into());
     }
     let Some(automation) = &state.automation else {
         return Verdict::Block(
@@ -93,7 +93,7 @@ pub fn decide(request: &SendRequest, state: &GovernanceState, now: DateTime<Utc>
     if !automation.shadow_validated {
         return Verdict::Block(
             Reason::ShadowValidationMissing,
-            "The automation is live but has not passed shadow validation; review its shadowed messages and set shadow_validated=true.".into(),
+            "The automation is live but has not passed shadow validation; review its shadowed messages, then `outbound automation set ... shadow_validated=true`.".into(),
         );
     }
     if automation.readiness_score < automation.readiness_threshold {
@@ -111,7 +111,7 @@ pub fn decide(request: &SendRequest, state: &GovernanceState, now: DateTime<Utc>
         return Verdict::Block(
             Reason::RevalidationOverdue,
             format!(
-                "The automation was last revalidated {}, more than {} days ago; revalidate it with revalidated=now.",
+                "The automation was last revalidated {}, more than {} days ago; revalidate it, then `outbound automation set ... revalidated=now`.",
                 automation.revalidated_at.map(|at| at.to_rfc3339()).unwrap_or_else(|| "never".into()),
                 automation.revalidation_interval_days
             ),

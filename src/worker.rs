@@ -481,7 +481,7 @@ fn sender_block(request: &SendRequest, state: Option<&store::SenderState>) -> Op
     if !state.outbound_enabled {
         return Some((
             Reason::OutboundDisabled,
-            "Outbound email is disabled for this tenant; its owner must turn the outbound_enabled setting back on before replies can be sent.".into(),
+            "Outbound email is disabled for this tenant; its owner can enable it with `outbound settings set outbound_enabled=true`.".into(),
         ));
     }
     let Some(domain_state) = &state.domain else {

@@ -202,3 +202,67 @@ async fn worker_stops_while_waiting_for_database() {
     assert!(status.success(), "{status:?}");
     assert!(took < std::time::Duration::from_secs(3), "{took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_only_commands_reject_others() {
+    let mut env = TestEnv::start().await;
+    let tenant = env.tenant(true).await;
+    let owner = tenant.owner.to_string();
+    let tenant_id = tenant.tenant_id.to_string();
+    let add = |email: &str, role: &str| outbound(&env, &["tenant", "member", "add", "--tenant", &tenant_id, "--email", email, "--role", role, "--actor", &owner, "--json"]);
+    let admin = stdout_json(&add("admin@shop.example", "admin"))["user_id"].as_str().unwrap().to_string();
+    let agent = stdout_json(&add("agent@shop.example", "agent"))["user_id"].as_str().unwrap().to_string();
+    let automation = stdout_json(&outbound(&env, &["automation", "create", "--tenant", &tenant_id, "--name", "Bot", "--actor", &owner, "--json"]));
+    let automation = automation["automation_id"].as_str().unwrap().to_string();
+
+    let audit_count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_log").fetch_one(&env.pool).await.unwrap()
+    };
+    let before = audit_count().await;
+    for actor in [&admin, &agent] {
+        let attempts: Vec<Vec<&str>> = vec![
+            vec!["settings", "set", "--tenant", &tenant_id, "--actor", actor, "outbound_enabled=false"],
+            vec!["automation", "create", "--tenant", &tenant_id, "--name", "Other", "--actor", actor],
+            vec!["automation", "set", "--tenant", &tenant_id, "--automation", &automation, "--actor", actor, "mode=live"],
+            vec!["tenant", "member", "add", "--tenant", &tenant_id, "--email", "new@shop.example", "--role", "agent", "--actor", actor],
+            vec!["domain", "add", "--tenant", &tenant_id, "--domain", "other-shop.example", "--actor", actor],
+        ];
+        for args in attempts {
+            let output = outbound(&env, &args);
+            assert_eq!(output.status.code(), Some(3), "{args:?}");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(stderr.contains("permission denied: only the tenant owner can change outbound email settings"), "{args:?}: {stderr}");
+        }
+    }
+    assert_eq!(audit_count().await, before, "refused changes leave no audit entry");
+    let enabled: bool = sqlx::query_scalar("SELECT outbound_enabled FROM tenants WHERE id = $1").bind(tenant.tenant_id).fetch_one(&env.pool).await.unwrap();
+    assert!(enabled);
+    let automations: i64 = sqlx::query_scalar("SELECT count(*) FROM automations").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(automations, 1);
+    let mode: String = sqlx::query_scalar("SELECT mode FROM automations").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(mode, "shadow");
+
+    // The owner succeeds, and `settings show` lists the audited change.
+    let changed = outbound(&env, &["settings", "set", "--tenant", &tenant_id, "--actor", &owner, "outbound_enabled=false", "plan=growth"]);
+    assert!(changed.status.success(), "{}", String::from_utf8_lossy(&changed.stderr));
+    let shown = stdout_json(&outbound(&env, &["settings", "show", "--tenant", &tenant_id, "--json"]));
+    assert_eq!(shown["outbound_enabled"], false);
+    assert_eq!(shown["plan"], "growth");
+    let latest = &shown["recent_changes"][0];
+    assert_eq!(latest["actor"], owner.as_str());
+    assert_eq!(latest["action"], "settings.set");
+    assert_eq!(latest["subject"], "plan");
+    assert_eq!(latest["old"], "starter");
+    assert_eq!(latest["new"], "growth");
+
+    let invalid = outbound(&env, &["settings", "set", "--tenant", &tenant_id, "--actor", &owner, "outbound_enabled=maybe", "colour=blue"]);
+    assert_eq!(invalid.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&invalid.stderr);
+    assert!(stderr.contains("outbound_enabled=maybe"), "{stderr}");
+    assert!(stderr.contains("colour=blue"), "{stderr}");
+
+    let killed = outbound(&env, &["platform", "kill-switch", "on", "--reason", "incident 42"]);
+    assert!(killed.status.success());
+    let switch: bool = sqlx::query_scalar("SELECT kill_switch FROM platform_settings").fetch_one(&env.pool).await.unwrap();
+    assert!(switch);
+}

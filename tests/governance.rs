@@ -146,7 +146,7 @@ async fn shadow_mode_signs_but_sends_nothing() {
     assert!(text.contains(&format!("Message-ID: {message_id}")), "{text}");
     assert!(text.contains("Auto-Submitted: auto-replied"));
     use base64::Engine as _;
-    common::verify_dkim(&[base64::engine::general_purpose::STANDARD.encode(&raw)], &[tenant.public_key.clone()]);
+    common::verify_dkim(&[base64::engine::general_purpose::STANDARD.encode(&raw)], std::slice::from_ref(&tenant.public_key));
 
     let listed = std::process::Command::new(env!("CARGO_BIN_EXE_outbound"))
         .args(["deliveries", "--tenant", &tenant.tenant_id.to_string(), "--status", "shadowed", "--json"])
