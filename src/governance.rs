@@ -40,6 +40,8 @@ pub struct GovernanceState {
     /// Most automated messages already sent to any one of the request's recipients in
     /// this conversation within the loop window.
     pub recent_automated_messages: i64,
+    /// The database time at which the automation conditions were read.
+    pub checked_at: Option<DateTime<Utc>>,
 }
 
 /// What the governance checks decided.

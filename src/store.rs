@@ -542,6 +542,16 @@ pub async fn record_invalid(pool: &PgPool, result: &DeliveryResult, raw_body: &[
     Ok(Some(delivery_row(&row)))
 }
 
+/// Records when the governance checks of the current attempt read their state.
+pub async fn record_checked_at(pool: &PgPool, request_id: Uuid, checked_at: DateTime<Utc>) -> Result<(), StoreError> {
+    sqlx::query("UPDATE deliveries SET checked_at = $2 WHERE request_id = $1")
+        .bind(request_id)
+        .bind(checked_at)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// Extends the lease of a row this worker is processing, so a long relay attempt is not
 /// taken over by another worker while it still runs.
 pub async fn renew_lease(pool: &PgPool, request_id: Uuid, lease: Duration) -> Result<(), StoreError> {
@@ -729,7 +739,7 @@ pub async fn governance_state(
     }
 
     let row = sqlx::query(
-        "SELECT p.kill_switch, t.automation_paused,
+        "SELECT clock_timestamp() AS checked_at, p.kill_switch, t.automation_paused,
                 a.id AS automation, a.mode, a.shadow_validated, a.readiness_score, a.readiness_threshold,
                 a.revalidated_at, a.revalidation_interval_days
          FROM platform_settings p
@@ -741,6 +751,7 @@ pub async fn governance_state(
     .bind(automation_id)
     .fetch_one(pool)
     .await?;
+    state.checked_at = Some(row.get("checked_at"));
     state.kill_switch = row.get("kill_switch");
     state.automation_paused = row.get("automation_paused");
     state.automation = row.get::<Option<Uuid>, _>("automation").map(|_| Automation {

@@ -395,6 +395,9 @@ async fn deliver(context: &Context, request: &SendRequest, prior: Prior) -> Resu
     if let Verdict::Block(reason, detail) = verdict {
         return finish(context, base.result(Status::Blocked, Some(reason), detail, None, vec![]), None).await;
     }
+    if let Some(checked_at) = governance.checked_at {
+        store::record_checked_at(&context.pool, request.request_id, checked_at).await?;
+    }
 
     // Compose and sign once; retries send the stored bytes with the same Message-ID.
     let (message_id, signed) = match (prior.message_id.clone(), prior.signed_message.clone()) {

@@ -157,3 +157,38 @@ async fn shadow_mode_signs_but_sends_nothing() {
     assert_eq!(entries.as_array().unwrap().len(), 1);
     env.check_contract();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_outbound_keeps_delivery_log() {
+    let mut env = TestEnv::with_worker().await;
+    let tenant = env.tenant(true).await;
+    let since = (chrono::Utc::now() - chrono::Duration::seconds(5)).to_rfc3339();
+    let mut sent = Vec::new();
+    for _ in 0..2 {
+        let result = env.publish_and_wait(&request(&tenant, &["jamie@customer.example"])).await;
+        assert_status(&result, Status::Sent, None);
+        sent.push(result.request_id.unwrap());
+    }
+
+    let disable = outbound::changes::tenant_changes(&["outbound_enabled=false".into()]).unwrap();
+    store::set_tenant_settings(&env.pool, tenant.tenant_id, tenant.owner, &disable).await.unwrap();
+    let blocked = env.publish_and_wait(&request(&tenant, &["jamie@customer.example"])).await;
+    assert_status(&blocked, Status::Blocked, Some("outbound_disabled"));
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outbound"))
+        .args(["deliveries", "--tenant", &tenant.tenant_id.to_string(), "--recipient", "jamie@customer.example", "--since", &since, "--json"])
+        .env("OUTBOUND_DATABASE_URL", &env.database_url)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let entries: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let entries = entries.as_array().unwrap();
+    assert_eq!(entries.len(), 3);
+    for id in &sent {
+        let entry = entries.iter().find(|e| e["request_id"] == id.to_string()).expect("an earlier delivery is still listed");
+        assert_eq!(entry["status"], "sent");
+        assert!(entry["message_id"].is_string());
+    }
+    assert_eq!(env.received().len(), 2);
+    env.check_contract();
+}

@@ -101,6 +101,7 @@ pub struct TestEnv {
     pub smtp_port: u16,
     smtp_server: Child,
     worker: Option<Child>,
+    extra_workers: Vec<Child>,
     pub worker_log: PathBuf,
     connection: Connection,
     pub channel: Channel,
@@ -181,6 +182,7 @@ impl TestEnv {
             smtp_port,
             smtp_server,
             worker: None,
+            extra_workers: Vec::new(),
             worker_log,
             connection,
             channel,
@@ -231,6 +233,19 @@ impl TestEnv {
             .spawn()
             .expect("worker binary starts");
         self.worker = Some(child);
+    }
+
+    /// Starts one more worker process on the same database, vhost and SMTP server.
+    pub fn start_extra_worker(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.worker_log).expect("worker log");
+        let child = self
+            .worker_command()
+            .env("OUTBOUND_METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("worker binary starts");
+        self.extra_workers.push(child);
     }
 
     pub fn worker_pid(&self) -> u32 {
@@ -387,7 +402,7 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
+        for mut worker in self.worker.take().into_iter().chain(self.extra_workers.drain(..)) {
             let _ = worker.kill();
             let _ = worker.wait();
         }
