@@ -71,6 +71,7 @@ pub async fn run_worker_until(settings: Settings, broker_connected: Arc<AtomicBo
         }
     };
     check_migrations(&pool).await?;
+    store::check_tenant_isolation(&pool).await.map_err(|reason| anyhow::anyhow!("refusing to start: {reason}"))?;
 
     let health = crate::http::Health { metrics: metrics_handle(), pool: pool.clone(), broker_connected: broker_connected.clone() };
     crate::http::serve(settings.metrics.addr, health, shutdown.clone()).await?;

@@ -20,7 +20,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     #[error("cannot connect to PostgreSQL at {target} ({reason}); check OUTBOUND_DATABASE_URL and that PostgreSQL is running")]
     Unreachable { target: String, reason: String },
     #[error("database migration failed: {0}")]
@@ -31,6 +31,57 @@ pub enum StoreError {
     Conflict(String),
     #[error("permission denied: only the tenant owner can change outbound email settings")]
     PermissionDenied,
+}
+
+impl From<sqlx::Error> for StoreError {
+    /// Maps the owner-only trigger's `insufficient_privilege` error to [`StoreError::PermissionDenied`].
+    fn from(err: sqlx::Error) -> Self {
+        let denied = err.as_database_error().and_then(|db| db.code()).is_some_and(|code| code == "42501");
+        if denied {
+            StoreError::PermissionDenied
+        } else {
+            StoreError::Database(err)
+        }
+    }
+}
+
+/// The role that tenant-scoped queries run as; row-level security limits it to the tenant
+/// set in the transaction.
+pub const APP_ROLE: &str = "outbound_app";
+
+/// Begins a transaction that runs as [`APP_ROLE`], scoped to one tenant and, for changes,
+/// one acting user. Every setting is local to the transaction, so nothing leaks to the next
+/// user of the pooled connection.
+pub async fn scoped(pool: &PgPool, tenant_id: Uuid, actor: Option<Uuid>) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('role', $1, true), set_config('app.tenant_id', $2, true), set_config('app.actor_id', $3, true)")
+        .bind(APP_ROLE)
+        .bind(tenant_id.to_string())
+        .bind(actor.map(|actor| actor.to_string()).unwrap_or_default())
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// Fails unless tenant-scoped queries really run under row-level security: the login role
+/// can switch to [`APP_ROLE`], and that role is neither superuser nor BYPASSRLS.
+pub async fn check_tenant_isolation(pool: &PgPool) -> Result<(), String> {
+    let fix = "run `outbound migrate` as a role that may create roles, and grant outbound_app to the worker's login role";
+    let mut tx = pool.begin().await.map_err(|err| err.to_string())?;
+    if let Err(err) = sqlx::query("SELECT set_config('role', $1, true)").bind(APP_ROLE).execute(&mut *tx).await {
+        return Err(format!("the worker cannot switch to the role {APP_ROLE} ({err}), so its queries would not be limited to one tenant; {fix}"));
+    }
+    let bypasses: bool = sqlx::query_scalar("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|err| err.to_string())?;
+    let _ = tx.rollback().await;
+    if bypasses {
+        return Err(format!(
+            "the role {APP_ROLE} is a superuser or has BYPASSRLS, so row-level security would not limit it; run ALTER ROLE {APP_ROLE} NOSUPERUSER NOBYPASSRLS"
+        ));
+    }
+    Ok(())
 }
 
 impl StoreError {
@@ -185,29 +236,23 @@ pub async fn find_tenant_by_name(pool: &PgPool, name: &str) -> Result<Option<(Uu
     Ok(row.map(|row| (row.get("id"), row.get("owner"))))
 }
 
-/// Fails with [`StoreError::PermissionDenied`] unless `actor` is the tenant's owner.
-async fn require_owner(tx: &mut sqlx::PgConnection, tenant_id: Uuid, actor: Uuid) -> Result<(), StoreError> {
+/// Fails with [`StoreError::NotFound`] unless the scoped transaction sees the tenant. The
+/// owner-only rule itself is enforced by the database's `owner_only` triggers.
+async fn require_scoped_tenant(tx: &mut sqlx::PgConnection, tenant_id: Uuid) -> Result<(), StoreError> {
     let tenant_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE id = $1)")
         .bind(tenant_id)
         .fetch_one(&mut *tx)
         .await?;
-    if !tenant_exists {
-        return Err(StoreError::NotFound(format!("tenant {tenant_id} not found; check the --tenant id")));
-    }
-    let role: Option<String> = sqlx::query_scalar("SELECT role FROM tenant_members WHERE tenant_id = $1 AND id = $2")
-        .bind(tenant_id)
-        .bind(actor)
-        .fetch_optional(&mut *tx)
-        .await?;
-    match role.as_deref() {
-        Some("owner") => Ok(()),
-        _ => Err(StoreError::PermissionDenied),
+    if tenant_exists {
+        Ok(())
+    } else {
+        Err(StoreError::NotFound(format!("tenant {tenant_id} not found; check the --tenant id")))
     }
 }
 
 pub async fn add_member(pool: &PgPool, tenant_id: Uuid, actor: Uuid, email: &str, role: &str) -> Result<Uuid, StoreError> {
-    let mut tx = pool.begin().await?;
-    require_owner(&mut tx, tenant_id, actor).await?;
+    let mut tx = scoped(pool, tenant_id, Some(actor)).await?;
+    require_scoped_tenant(&mut tx, tenant_id).await?;
     let user_id = Uuid::new_v4();
     let inserted = sqlx::query("INSERT INTO tenant_members (id, tenant_id, email, role) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
         .bind(user_id)
@@ -235,8 +280,8 @@ pub struct NewDomain<'a> {
 }
 
 pub async fn add_domain(pool: &PgPool, new: NewDomain<'_>) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    require_owner(&mut tx, new.tenant_id, new.actor).await?;
+    let mut tx = scoped(pool, new.tenant_id, Some(new.actor)).await?;
+    require_scoped_tenant(&mut tx, new.tenant_id).await?;
     let inserted = sqlx::query(
         "INSERT INTO sending_domains (id, tenant_id, domain, selector, dkim_private_key, dkim_public_key, verification_token)
          VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (domain) DO NOTHING",
@@ -328,6 +373,7 @@ pub struct DomainKey {
 
 /// Reads the tenant and its domain in one round trip; `None` when the tenant does not exist.
 pub async fn sender_state(pool: &PgPool, tenant_id: Uuid, domain: &str) -> Result<Option<SenderState>, StoreError> {
+    let mut tx = scoped(pool, tenant_id, None).await?;
     let row = sqlx::query(
         "SELECT t.outbound_enabled, d.domain, d.selector, d.status, d.dkim_private_key, d.dkim_public_key
          FROM tenants t LEFT JOIN sending_domains d ON d.tenant_id = t.id AND d.domain = $2
@@ -335,8 +381,9 @@ pub async fn sender_state(pool: &PgPool, tenant_id: Uuid, domain: &str) -> Resul
     )
     .bind(tenant_id)
     .bind(domain)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(row.map(|row| SenderState {
         outbound_enabled: row.get("outbound_enabled"),
         domain: row.get::<Option<String>, _>("domain").map(|domain| DomainKey {
@@ -613,6 +660,7 @@ pub async fn unpublished_results(pool: &PgPool, age: Duration, limit: i64) -> Re
 
 /// Returns the latest message of a conversation, with its references, to thread a reply onto.
 pub async fn latest_in_conversation(pool: &PgPool, tenant_id: Uuid, conversation_id: &str, excluding: Uuid) -> Result<Option<(String, Vec<String>)>, StoreError> {
+    let mut tx = scoped(pool, tenant_id, None).await?;
     let row = sqlx::query(
         "SELECT message_id, references_ids FROM deliveries
          WHERE tenant_id = $1 AND conversation_id = $2 AND request_id <> $3 AND message_id IS NOT NULL
@@ -622,8 +670,9 @@ pub async fn latest_in_conversation(pool: &PgPool, tenant_id: Uuid, conversation
     .bind(tenant_id)
     .bind(conversation_id)
     .bind(excluding)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(row.map(|row| (row.get("message_id"), row.get("references_ids"))))
 }
 
@@ -714,6 +763,8 @@ pub async fn governance_state(
 ) -> Result<crate::governance::GovernanceState, StoreError> {
     use crate::governance::{Automation, GovernanceState, Restriction, LOOP_WINDOW_HOURS};
 
+    let mut tx = scoped(pool, tenant_id, None).await?;
+
     let restriction = sqlx::query(
         "SELECT detector, scope FROM tenant_restrictions
          WHERE tenant_id = $1 AND cleared_at IS NULL AND (expires_at IS NULL OR expires_at > now())
@@ -722,7 +773,7 @@ pub async fn governance_state(
     )
     .bind(tenant_id)
     .bind(automated)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?
     .map(|row| Restriction { detector: row.get("detector"), scope: row.get("scope") });
 
@@ -730,11 +781,12 @@ pub async fn governance_state(
         sqlx::query_scalar("SELECT address FROM suppressions WHERE tenant_id = $1 AND address = ANY ($2) ORDER BY address LIMIT 1")
             .bind(tenant_id)
             .bind(recipients)
-            .fetch_optional(pool)
+            .fetch_optional(&mut *tx)
             .await?;
 
     let mut state = GovernanceState { restriction, suppressed_recipient, ..GovernanceState::default() };
     if !automated {
+        tx.commit().await?;
         return Ok(state);
     }
 
@@ -749,7 +801,7 @@ pub async fn governance_state(
     )
     .bind(tenant_id)
     .bind(automation_id)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
     state.checked_at = Some(row.get("checked_at"));
     state.kill_switch = row.get("kill_switch");
@@ -777,8 +829,9 @@ pub async fn governance_state(
     .bind(request_id)
     .bind(LOOP_WINDOW_HOURS as i32)
     .bind(recipients)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(state)
 }
 
@@ -791,8 +844,8 @@ pub struct Change {
 
 /// Applies tenant setting changes for an owner, with one audit entry per key.
 pub async fn set_tenant_settings(pool: &PgPool, tenant_id: Uuid, actor: Uuid, changes: &[Change]) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    require_owner(&mut tx, tenant_id, actor).await?;
+    let mut tx = scoped(pool, tenant_id, Some(actor)).await?;
+    require_scoped_tenant(&mut tx, tenant_id).await?;
     for change in changes {
         let select = format!("SELECT to_jsonb({}) FROM tenants WHERE id = $1 FOR UPDATE", change.column);
         let old: Option<serde_json::Value> = sqlx::query_scalar(&select).bind(tenant_id).fetch_one(&mut *tx).await?;
@@ -809,8 +862,8 @@ pub async fn set_tenant_settings(pool: &PgPool, tenant_id: Uuid, actor: Uuid, ch
 }
 
 pub async fn create_automation(pool: &PgPool, tenant_id: Uuid, actor: Uuid, name: &str) -> Result<Uuid, StoreError> {
-    let mut tx = pool.begin().await?;
-    require_owner(&mut tx, tenant_id, actor).await?;
+    let mut tx = scoped(pool, tenant_id, Some(actor)).await?;
+    require_scoped_tenant(&mut tx, tenant_id).await?;
     let automation_id = Uuid::new_v4();
     sqlx::query("INSERT INTO automations (id, tenant_id, name) VALUES ($1, $2, $3)")
         .bind(automation_id)
@@ -826,8 +879,8 @@ pub async fn create_automation(pool: &PgPool, tenant_id: Uuid, actor: Uuid, name
 
 /// Applies automation setting changes for an owner, with one audit entry per key.
 pub async fn set_automation(pool: &PgPool, tenant_id: Uuid, automation_id: Uuid, actor: Uuid, changes: &[Change]) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    require_owner(&mut tx, tenant_id, actor).await?;
+    let mut tx = scoped(pool, tenant_id, Some(actor)).await?;
+    require_scoped_tenant(&mut tx, tenant_id).await?;
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM automations WHERE id = $1 AND tenant_id = $2)")
         .bind(automation_id)
         .bind(tenant_id)
