@@ -921,21 +921,32 @@ pub async fn set_kill_switch(pool: &PgPool, on: bool, reason: &str) -> Result<()
 
 pub async fn add_suppression(pool: &PgPool, tenant_id: Uuid, address: &str) -> Result<(), StoreError> {
     require_tenant(pool, tenant_id).await?;
-    sqlx::query("INSERT INTO suppressions (tenant_id, address) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+    let mut tx = pool.begin().await?;
+    let added = sqlx::query("INSERT INTO suppressions (tenant_id, address) VALUES ($1, $2) ON CONFLICT DO NOTHING")
         .bind(tenant_id)
         .bind(address)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+    if added.rows_affected() == 1 {
+        audit(&mut tx, Some(tenant_id), "operator", "suppression.add", Some(address), None, Some(true.into()), None).await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
 pub async fn remove_suppression(pool: &PgPool, tenant_id: Uuid, address: &str) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
     let removed = sqlx::query("DELETE FROM suppressions WHERE tenant_id = $1 AND address = $2")
         .bind(tenant_id)
         .bind(address)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
-    Ok(removed.rows_affected() == 1)
+    let removed = removed.rows_affected() == 1;
+    if removed {
+        audit(&mut tx, Some(tenant_id), "operator", "suppression.remove", Some(address), Some(true.into()), None, None).await?;
+    }
+    tx.commit().await?;
+    Ok(removed)
 }
 
 pub async fn list_suppressions(pool: &PgPool, tenant_id: Uuid) -> Result<Vec<serde_json::Value>, StoreError> {
