@@ -44,7 +44,7 @@ pub struct GovernanceState {
     pub checked_at: Option<DateTime<Utc>>,
 }
 
-/// What the governance checks decided.
+/// The decision of the governance checks.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     Send,
