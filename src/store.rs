@@ -63,6 +63,15 @@ pub async fn scoped(pool: &PgPool, tenant_id: Uuid, actor: Option<Uuid>) -> Resu
     Ok(tx)
 }
 
+/// Begins a transaction scoped to `tenant_id` as [`APP_ROLE`], or an unscoped one as the
+/// login role when the request has no readable tenant.
+async fn tenant_tx(pool: &PgPool, tenant_id: Option<Uuid>) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+    match tenant_id {
+        Some(tenant_id) => scoped(pool, tenant_id, None).await,
+        None => Ok(pool.begin().await?),
+    }
+}
+
 /// Fails unless tenant-scoped queries really run under row-level security: the login role
 /// can switch to [`APP_ROLE`], and that role is neither superuser nor BYPASSRLS.
 pub async fn check_tenant_isolation(pool: &PgPool) -> Result<(), String> {
@@ -454,6 +463,8 @@ pub enum Claim {
     TakenOver(Box<DeliveryRow>),
     /// The request was seen before, and the row contains its state.
     Existing(Box<DeliveryRow>),
+    /// Another tenant already used this request id; its row stays hidden.
+    OtherTenant,
 }
 
 pub struct NewDelivery<'a> {
@@ -472,6 +483,7 @@ pub struct NewDelivery<'a> {
 /// A row whose earlier owner's lease ran out is taken over the same way.
 pub async fn claim(pool: &PgPool, new: NewDelivery<'_>, lease: Duration) -> Result<Claim, StoreError> {
     let lease_until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
+    let mut tx = scoped(pool, new.tenant_id, None).await?;
     let inserted = sqlx::query(
         "INSERT INTO deliveries (request_id, tenant_id, conversation_id, origin, from_address, recipients, subject, status, request, lease_until, published_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, 'processing', $8, $9, $10)
@@ -487,9 +499,10 @@ pub async fn claim(pool: &PgPool, new: NewDelivery<'_>, lease: Duration) -> Resu
     .bind(&new.request)
     .bind(lease_until)
     .bind(new.published_at)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
     if inserted.rows_affected() == 1 {
+        tx.commit().await?;
         return Ok(Claim::New);
     }
 
@@ -498,27 +511,35 @@ pub async fn claim(pool: &PgPool, new: NewDelivery<'_>, lease: Duration) -> Resu
          WHERE request_id = $1 AND status = 'processing' AND lease_until < now()
          RETURNING {DELIVERY_COLUMNS}"
     );
-    let taken_over = sqlx::query(&takeover).bind(new.request_id).bind(lease_until).fetch_optional(pool).await?;
+    let taken_over = sqlx::query(&takeover).bind(new.request_id).bind(lease_until).fetch_optional(&mut *tx).await?;
     if let Some(row) = taken_over {
+        tx.commit().await?;
         return Ok(Claim::TakenOver(Box::new(delivery_row(&row))));
     }
 
+    // Under the tenant's scope, a row of another tenant with this request id is invisible.
     let row = sqlx::query(&format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE request_id = $1"))
         .bind(new.request_id)
-        .fetch_one(pool)
+        .fetch_optional(&mut *tx)
         .await?;
-    Ok(Claim::Existing(Box::new(delivery_row(&row))))
+    tx.commit().await?;
+    Ok(match row {
+        Some(row) => Claim::Existing(Box::new(delivery_row(&row))),
+        None => Claim::OtherTenant,
+    })
 }
 
 /// Records the message id, threading and signed message before the first relay attempt,
 /// so that a retry sends the very same bytes.
 pub async fn store_composed(
     pool: &PgPool,
+    tenant_id: Uuid,
     request_id: Uuid,
     message_id: &str,
     references: &[String],
     signed_message: &[u8],
 ) -> Result<(), StoreError> {
+    let mut tx = tenant_tx(pool, Some(tenant_id)).await?;
     sqlx::query(
         "UPDATE deliveries SET message_id = $2, references_ids = $3, signed_message = $4,
              first_attempt_at = coalesce(first_attempt_at, now()), updated_at = now()
@@ -528,14 +549,16 @@ pub async fn store_composed(
     .bind(message_id)
     .bind(references)
     .bind(signed_message)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 
 /// Records a result: final, or deferred with its next attempt. The result is stored
 /// before it is published, so a redelivered request republishes the same event.
 pub async fn record_result(pool: &PgPool, result: &DeliveryResult, next_attempt_at: Option<DateTime<Utc>>, recipients: &[RecipientOutcome]) -> Result<(), StoreError> {
+    let mut tx = tenant_tx(pool, result.tenant_id).await?;
     let request_id = result.request_id.expect("only results of readable requests are stored");
     sqlx::query(
         "UPDATE deliveries SET status = $2, reason = $3, detail = $4, attempt = $5, next_attempt_at = $6, lease_until = NULL,
@@ -554,8 +577,9 @@ pub async fn record_result(pool: &PgPool, result: &DeliveryResult, next_attempt_
     .bind(serde_json::to_value(result).expect("results serialize"))
     .bind(result.is_final)
     .bind(&result.message_id)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -590,33 +614,39 @@ pub async fn record_invalid(pool: &PgPool, result: &DeliveryResult, raw_body: &[
 }
 
 /// Records when the governance checks of the current attempt read their state.
-pub async fn record_checked_at(pool: &PgPool, request_id: Uuid, checked_at: DateTime<Utc>) -> Result<(), StoreError> {
+pub async fn record_checked_at(pool: &PgPool, tenant_id: Uuid, request_id: Uuid, checked_at: DateTime<Utc>) -> Result<(), StoreError> {
+    let mut tx = tenant_tx(pool, Some(tenant_id)).await?;
     sqlx::query("UPDATE deliveries SET checked_at = $2 WHERE request_id = $1")
         .bind(request_id)
         .bind(checked_at)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     Ok(())
 }
 
 /// Extends the lease of a row this worker is processing, so a long relay attempt is not
 /// taken over by another worker while it still runs.
-pub async fn renew_lease(pool: &PgPool, request_id: Uuid, lease: Duration) -> Result<(), StoreError> {
+pub async fn renew_lease(pool: &PgPool, tenant_id: Uuid, request_id: Uuid, lease: Duration) -> Result<(), StoreError> {
+    let mut tx = tenant_tx(pool, Some(tenant_id)).await?;
     let lease_until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
     sqlx::query("UPDATE deliveries SET lease_until = $2 WHERE request_id = $1 AND status = 'processing'")
         .bind(request_id)
         .bind(lease_until)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     Ok(())
 }
 
-pub async fn mark_published(pool: &PgPool, request_id: Uuid, event_id: Uuid) -> Result<(), StoreError> {
+pub async fn mark_published(pool: &PgPool, tenant_id: Option<Uuid>, request_id: Uuid, event_id: Uuid) -> Result<(), StoreError> {
+    let mut tx = tenant_tx(pool, tenant_id).await?;
     sqlx::query("UPDATE deliveries SET result_published_at = now() WHERE request_id = $1 AND last_result->>'event_id' = $2")
         .bind(request_id)
         .bind(event_id.to_string())
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     Ok(())
 }
 

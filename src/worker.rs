@@ -278,6 +278,17 @@ pub async fn process_message(context: &Context, body: &[u8], properties: &BasicP
             deliver(context, &request, Prior::from_row(&row)).await
         }
         Claim::Existing(row) => handle_seen_request(context, &row).await,
+        Claim::OtherTenant => {
+            // The id belongs to another tenant's request: report it without revealing that
+            // request's state, and without a row, since the id is taken.
+            tracing::warn!(request_id = %request.request_id, tenant_id = %request.tenant_id, "request id already used by another tenant");
+            let base = ResultBase { request: &request, attempt: 0, published_at };
+            let detail = "Field request_id is already used by another request; give every request a fresh UUID.".to_string();
+            let result = base.result(Status::Invalid, Some(Reason::InvalidField), detail, None, vec![]);
+            context.publisher.publish_result(&result).await?;
+            metrics::counter!(telemetry::RESULTS, "status" => result.status.as_str(), "reason" => reason_label(result.reason)).increment(1);
+            Ok(())
+        }
     }
 }
 
@@ -396,7 +407,7 @@ async fn deliver(context: &Context, request: &SendRequest, prior: Prior) -> Resu
         return finish(context, base.result(Status::Blocked, Some(reason), detail, None, vec![]), None).await;
     }
     if let Some(checked_at) = governance.checked_at {
-        store::record_checked_at(&context.pool, request.request_id, checked_at).await?;
+        store::record_checked_at(&context.pool, request.tenant_id, request.request_id, checked_at).await?;
     }
 
     // Compose and sign once; retries send the stored bytes with the same Message-ID.
@@ -417,7 +428,7 @@ async fn deliver(context: &Context, request: &SendRequest, prior: Prior) -> Resu
                 );
                 return finish(context, base.result(Status::Invalid, Some(Reason::MessageTooLarge), detail, None, vec![]), None).await;
             }
-            store::store_composed(&context.pool, request.request_id, &envelope.message_id, &envelope.references, &signed).await?;
+            store::store_composed(&context.pool, request.tenant_id, request.request_id, &envelope.message_id, &envelope.references, &signed).await?;
             (envelope.message_id, signed)
         }
     };
@@ -436,7 +447,7 @@ async fn deliver(context: &Context, request: &SendRequest, prior: Prior) -> Resu
             !prior.recipient_results.iter().any(|o| o.address == text && o.status != RecipientStatus::Deferred)
         })
         .collect();
-    let renewal = renew_lease_while_running(context, request.request_id);
+    let renewal = renew_lease_while_running(context, request.tenant_id, request.request_id);
     let report = context.relay.deliver(&request.request_id.to_string(), &request.from.address, &pending, &signed).await;
     renewal.abort();
     let merged = merge_recipients(&prior.recipient_results, &report.recipients);
@@ -459,13 +470,13 @@ async fn deliver(context: &Context, request: &SendRequest, prior: Prior) -> Resu
 }
 
 /// Renews the row's lease every third of its length until the returned task is aborted.
-fn renew_lease_while_running(context: &Context, request_id: Uuid) -> tokio::task::JoinHandle<()> {
+fn renew_lease_while_running(context: &Context, tenant_id: Uuid, request_id: Uuid) -> tokio::task::JoinHandle<()> {
     let pool = context.pool.clone();
     let lease = context.settings.worker.lease;
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(lease / 3).await;
-            if let Err(err) = store::renew_lease(&pool, request_id, lease).await {
+            if let Err(err) = store::renew_lease(&pool, tenant_id, request_id, lease).await {
                 tracing::warn!(request_id = %request_id, error = %err, "renewing the lease failed; another worker may take the request over");
             }
         }
@@ -655,7 +666,7 @@ async fn publish_and_mark(context: &Context, result: &DeliveryResult) -> Result<
     context.publisher.publish_result(result).await?;
     metrics::counter!(telemetry::RESULTS, "status" => result.status.as_str(), "reason" => reason_label(result.reason)).increment(1);
     if let Some(request_id) = result.request_id {
-        store::mark_published(&context.pool, request_id, result.event_id).await?;
+        store::mark_published(&context.pool, result.tenant_id, request_id, result.event_id).await?;
     }
     Ok(())
 }

@@ -196,3 +196,26 @@ async fn worker_without_app_role_refuses() {
     assert!(stderr.contains("refusing to start: the worker cannot switch to the role outbound_app"), "{stderr}");
     assert!(stderr.contains("grant outbound_app"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_request_id_reveals_nothing() {
+    let mut env = TestEnv::with_worker().await;
+    let alpha = env.tenant(true).await;
+    let beta = env.tenant(true).await;
+    let first = request(&alpha, &["customer@example.net"]);
+    let sent = env.publish_and_wait(&first).await;
+    assert_status(&sent, Status::Sent, None);
+
+    // Beta publishes a request with alpha's request id.
+    let mut copy = request(&beta, &["other@example.net"]);
+    copy["request_id"] = first["request_id"].clone();
+    env.publish(&copy).await;
+    let result = env.next_result(|r| r.tenant_id == Some(beta.tenant_id)).await;
+
+    assert_status(&result, Status::Invalid, Some("invalid_field"));
+    assert!(result.detail.contains("request_id"), "{}", result.detail);
+    assert_eq!(result.message_id, None, "alpha's Message-ID is not revealed");
+    assert!(!result.duplicate);
+    assert_eq!(env.received().len(), 1, "beta's copy was not sent");
+    env.check_contract();
+}
