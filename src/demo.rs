@@ -65,7 +65,8 @@ pub async fn run(config: Option<&Path>, args: DemoArgs) -> Result<(), CliError> 
 
     let live = demo_tenant(&settings, &pool, &format!("Demo Store {suffix}"), &format!("store-{suffix}.demo.example")).await?;
     let disabled = demo_tenant(&settings, &pool, &format!("Disabled Store {suffix}"), &format!("disabled-{suffix}.demo.example")).await?;
-    store::set_outbound_enabled(&pool, disabled.tenant_id, false, &disabled.owner.to_string()).await?;
+    let disable = crate::changes::tenant_changes(&["outbound_enabled=false".to_string()]).map_err(CliError::Usage)?;
+    store::set_tenant_settings(&pool, disabled.tenant_id, disabled.owner, &disable).await?;
     println!("Created tenant {} with verified domain {}", live.tenant_id, live.domain);
     println!("Created tenant {} with outbound disabled", disabled.tenant_id);
 

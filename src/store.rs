@@ -218,35 +218,9 @@ pub async fn create_tenant(pool: &PgPool, name: &str, owner_email: &str, plan: &
     Ok(NewTenant { tenant_id, owner_user_id })
 }
 
-/// Sets `outbound_enabled` directly; used by the demo for its disabled tenant.
-pub async fn set_outbound_enabled(pool: &PgPool, tenant_id: Uuid, enabled: bool, actor: &str) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    let old: Option<bool> = sqlx::query_scalar("SELECT outbound_enabled FROM tenants WHERE id = $1 FOR UPDATE")
-        .bind(tenant_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let Some(old) = old else {
-        return Err(StoreError::NotFound(format!("tenant {tenant_id} not found; check the id with `outbound tenant create` output")));
-    };
-    sqlx::query("UPDATE tenants SET outbound_enabled = $2 WHERE id = $1").bind(tenant_id).bind(enabled).execute(&mut *tx).await?;
-    audit(&mut tx, Some(tenant_id), actor, "settings.set", Some("outbound_enabled"), Some(old.into()), Some(enabled.into()), None).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-pub async fn find_tenant_by_name(pool: &PgPool, name: &str) -> Result<Option<(Uuid, Uuid)>, StoreError> {
-    let row = sqlx::query(
-        "SELECT t.id, m.id AS owner FROM tenants t JOIN tenant_members m ON m.tenant_id = t.id AND m.role = 'owner'
-         WHERE t.name = $1 ORDER BY t.created_at LIMIT 1",
-    )
-    .bind(name)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map(|row| (row.get("id"), row.get("owner"))))
-}
-
-/// Fails with [`StoreError::NotFound`] unless the scoped transaction sees the tenant. The
-/// owner-only rule itself is enforced by the database's `owner_only` triggers.
+/// Fails with [`StoreError::NotFound`] unless the tenant is visible on this connection,
+/// which under a tenant scope means it is that tenant. The owner-only rule itself is
+/// enforced by the database's `owner_only` triggers.
 async fn require_scoped_tenant(tx: &mut sqlx::PgConnection, tenant_id: Uuid) -> Result<(), StoreError> {
     let tenant_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE id = $1)")
         .bind(tenant_id)
@@ -403,14 +377,6 @@ pub async fn sender_state(pool: &PgPool, tenant_id: Uuid, domain: &str) -> Resul
             public_key: row.get("dkim_public_key"),
         }),
     }))
-}
-
-pub async fn domain_public_key(pool: &PgPool, domain: &str) -> Result<Option<(String, String)>, StoreError> {
-    let row = sqlx::query("SELECT selector, dkim_public_key FROM sending_domains WHERE domain = $1")
-        .bind(domain)
-        .fetch_optional(pool)
-        .await?;
-    Ok(row.map(|row| (row.get("selector"), row.get("dkim_public_key"))))
 }
 
 // ---------------------------------------------------------------------------------
@@ -872,19 +838,27 @@ pub struct Change {
     pub value: serde_json::Value,
 }
 
+/// Sets one column of the row `id` of `table` and returns its old value as JSON. The new
+/// value is cast to the column's type by `jsonb_populate_record`. `table` and the column
+/// come from fixed lists in this crate, never from input.
+async fn apply_change(tx: &mut sqlx::PgConnection, table: &'static str, id: Uuid, change: &Change) -> Result<serde_json::Value, StoreError> {
+    let column = change.column;
+    let select = format!("SELECT to_jsonb({column}) FROM {table} WHERE id = $1 FOR UPDATE");
+    let old: Option<serde_json::Value> = sqlx::query_scalar(&select).bind(id).fetch_one(&mut *tx).await?;
+
+    let update = format!(
+        "UPDATE {table} SET {column} = (jsonb_populate_record(NULL::{table}, jsonb_build_object('{column}', $2::jsonb))).{column} WHERE id = $1"
+    );
+    sqlx::query(&update).bind(id).bind(&change.value).execute(&mut *tx).await?;
+    Ok(old.unwrap_or(serde_json::Value::Null))
+}
+
 /// Applies tenant setting changes for an owner, with one audit entry per key.
 pub async fn set_tenant_settings(pool: &PgPool, tenant_id: Uuid, actor: Uuid, changes: &[Change]) -> Result<(), StoreError> {
     let mut tx = scoped(pool, tenant_id, Some(actor)).await?;
     require_scoped_tenant(&mut tx, tenant_id).await?;
     for change in changes {
-        let select = format!("SELECT to_jsonb({}) FROM tenants WHERE id = $1 FOR UPDATE", change.column);
-        let old: Option<serde_json::Value> = sqlx::query_scalar(&select).bind(tenant_id).fetch_one(&mut *tx).await?;
-        let old = old.unwrap_or(serde_json::Value::Null);
-        let update = format!(
-            "UPDATE tenants SET {} = (jsonb_populate_record(NULL::tenants, jsonb_build_object('{}', $2::jsonb))).{} WHERE id = $1",
-            change.column, change.column, change.column
-        );
-        sqlx::query(&update).bind(tenant_id).bind(&change.value).execute(&mut *tx).await?;
+        let old = apply_change(&mut tx, "tenants", tenant_id, change).await?;
         audit(&mut tx, Some(tenant_id), &actor.to_string(), "settings.set", Some(change.column), Some(old), Some(change.value.clone()), None).await?;
     }
     tx.commit().await?;
@@ -920,14 +894,7 @@ pub async fn set_automation(pool: &PgPool, tenant_id: Uuid, automation_id: Uuid,
         return Err(StoreError::NotFound(format!("automation {automation_id} not found for tenant {tenant_id}; check --automation")));
     }
     for change in changes {
-        let select = format!("SELECT to_jsonb({}) FROM automations WHERE id = $1 FOR UPDATE", change.column);
-        let old: Option<serde_json::Value> = sqlx::query_scalar(&select).bind(automation_id).fetch_one(&mut *tx).await?;
-        let old = old.unwrap_or(serde_json::Value::Null);
-        let update = format!(
-            "UPDATE automations SET {} = (jsonb_populate_record(NULL::automations, jsonb_build_object('{}', $2::jsonb))).{} WHERE id = $1",
-            change.column, change.column, change.column
-        );
-        sqlx::query(&update).bind(automation_id).bind(&change.value).execute(&mut *tx).await?;
+        let old = apply_change(&mut tx, "automations", automation_id, change).await?;
         let subject = format!("{automation_id}.{}", change.column);
         audit(&mut tx, Some(tenant_id), &actor.to_string(), "automation.set", Some(&subject), Some(old), Some(change.value.clone()), None).await?;
     }
@@ -1030,15 +997,11 @@ pub async fn clear_restrictions(pool: &PgPool, tenant_id: Uuid) -> Result<u64, S
 }
 
 async fn require_tenant(pool: &PgPool, tenant_id: Uuid) -> Result<(), StoreError> {
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE id = $1)").bind(tenant_id).fetch_one(pool).await?;
-    if exists {
-        Ok(())
-    } else {
-        Err(StoreError::NotFound(format!("tenant {tenant_id} not found; check the --tenant id")))
-    }
+    let mut connection = pool.acquire().await?;
+    require_scoped_tenant(&mut connection, tenant_id).await
 }
 
-/// The tenant's settings, domains, active restrictions and latest audited changes.
+/// Returns the tenant's settings, domains, active restrictions and latest audited changes.
 pub async fn tenant_settings(pool: &PgPool, tenant_id: Uuid) -> Result<serde_json::Value, StoreError> {
     require_tenant(pool, tenant_id).await?;
     let tenant: serde_json::Value = sqlx::query_scalar(
@@ -1049,6 +1012,7 @@ pub async fn tenant_settings(pool: &PgPool, tenant_id: Uuid) -> Result<serde_jso
     .bind(tenant_id)
     .fetch_one(pool)
     .await?;
+
     let domains: serde_json::Value = sqlx::query_scalar(
         "SELECT coalesce(jsonb_agg(jsonb_build_object('domain', domain, 'selector', selector, 'status', status, 'verified_at', verified_at) ORDER BY domain), '[]')
          FROM sending_domains WHERE tenant_id = $1",
@@ -1056,6 +1020,7 @@ pub async fn tenant_settings(pool: &PgPool, tenant_id: Uuid) -> Result<serde_jso
     .bind(tenant_id)
     .fetch_one(pool)
     .await?;
+
     let changes: serde_json::Value = sqlx::query_scalar(
         "SELECT coalesce(jsonb_agg(entry ORDER BY (entry->>'id')::bigint DESC), '[]') FROM (
              SELECT jsonb_build_object('id', id, 'actor', actor, 'action', action, 'subject', subject, 'old', old_value,
@@ -1065,6 +1030,7 @@ pub async fn tenant_settings(pool: &PgPool, tenant_id: Uuid) -> Result<serde_jso
     .bind(tenant_id)
     .fetch_one(pool)
     .await?;
+
     let mut settings = tenant;
     settings["domains"] = domains;
     settings["restrictions"] = serde_json::Value::Array(list_restrictions(pool, tenant_id).await?);
@@ -1072,7 +1038,8 @@ pub async fn tenant_settings(pool: &PgPool, tenant_id: Uuid) -> Result<serde_jso
     Ok(settings)
 }
 
-/// The signed message stored for a request, as sent or, for shadow mode, as it would be.
+/// Returns the signed message stored for a request: as sent, or as it would be sent for a
+/// shadowed one.
 pub async fn stored_message(pool: &PgPool, request_id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
     let message: Option<Option<Vec<u8>>> = sqlx::query_scalar("SELECT signed_message FROM deliveries WHERE request_id = $1")
         .bind(request_id)

@@ -84,7 +84,8 @@ async fn sender_checks_block_in_order() {
     let tenant = env.tenant(true).await;
     let unverified = env.tenant(false).await;
     let disabled = env.tenant(true).await;
-    outbound::store::set_outbound_enabled(&env.pool, disabled.tenant_id, false, "test").await.unwrap();
+    let disable = outbound::changes::tenant_changes(&["outbound_enabled=false".into()]).unwrap();
+    outbound::store::set_tenant_settings(&env.pool, disabled.tenant_id, disabled.owner, &disable).await.unwrap();
 
     let mut unknown_tenant = request(&tenant, &["customer@example.net"]);
     unknown_tenant["tenant_id"] = uuid::Uuid::new_v4().to_string().into();
