@@ -255,7 +255,7 @@ mod tests {
             let inner = word.strip_prefix("=?UTF-8?B?").and_then(|w| w.strip_suffix("?=")).expect("an encoded-word");
             out.extend(base64::engine::general_purpose::STANDARD.decode(inner).unwrap());
         }
-        String::from_utf8(out).expect("each word holds whole characters")
+        String::from_utf8(out).expect("each word contains whole characters")
     }
 
     #[test]
@@ -323,7 +323,8 @@ mod tests {
         for line in field.trim_end_matches("\r\n").split("\r\n") {
             let line = line.trim_start_matches("References:");
             for token in line.split_whitespace() {
-                assert!(token.starts_with('<') && token.ends_with('>'), "split inside an id: {token}");
+                assert!(token.starts_with('<'), "split inside an id: {token}");
+                assert!(token.ends_with('>'), "split inside an id: {token}");
             }
         }
     }

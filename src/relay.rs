@@ -63,7 +63,7 @@ impl Relay {
         })
     }
 
-    /// Delivers `message` to `recipients`, returning the relay's answer for each.
+    /// Delivers `message` to `recipients`, returning the relay's reply for each.
     pub async fn deliver(&self, request_id: &str, sender: &Address, recipients: &[Address], message: &[u8]) -> RelayReport {
         if let Some(rate) = &self.rate {
             rate.until_ready().await;
@@ -97,7 +97,7 @@ impl Relay {
         report
     }
 
-    /// Takes an idle connection that still answers RSET, or opens a new one.
+    /// Takes an idle connection that still accepts RSET, or opens a new one.
     async fn checkout(&self) -> Result<AsyncSmtpConnection, StepError> {
         loop {
             let candidate = self.idle.lock().await.pop();
@@ -193,7 +193,7 @@ impl Relay {
             match answer {
                 Ok(response) => outcomes.push(outcome(recipient, RecipientStatus::Accepted, Some(u16::from(response.code())), &response.message().collect::<Vec<_>>().join(" "))),
                 Err(err) if err.code.is_none() && err.unavailable => {
-                    // The connection is gone: every recipient not yet answered is deferred.
+                    // The connection is gone, so every recipient without a reply yet is deferred.
                     let answered: Vec<String> = outcomes.iter().map(|o: &RecipientOutcome| o.address.clone()).collect();
                     for pending in recipients.iter().filter(|r| !answered.contains(&r.to_string())) {
                         outcomes.push(outcome(pending, RecipientStatus::Deferred, None, &err.message));

@@ -62,7 +62,8 @@ fn raw_field_lines(message: &Received, name: &str) -> Vec<String> {
 fn assert_crlf_only(bytes: &[u8], what: &str) {
     for (index, byte) in bytes.iter().enumerate() {
         if *byte == b'\n' {
-            assert!(index > 0 && bytes[index - 1] == b'\r', "bare LF at {index} in {what}");
+            assert!(index > 0, "bare LF at the start of {what}");
+            assert_eq!(bytes[index - 1], b'\r', "bare LF at {index} in {what}");
         }
         if *byte == b'\r' {
             assert!(bytes.get(index + 1) == Some(&b'\n'), "bare CR at {index} in {what}");
@@ -115,7 +116,9 @@ async fn shared_cases_have_expected_results() {
     for line in &lines {
         assert!(line.len() <= 998);
         for token in line.trim_start_matches("References:").split_whitespace() {
-            assert!(token.starts_with('<') && token.ends_with('>') && token.contains('@'), "split inside an id: {token}");
+            assert!(token.starts_with('<'), "split inside an id: {token}");
+            assert!(token.ends_with('>'), "split inside an id: {token}");
+            assert!(token.contains('@'), "split inside an id: {token}");
         }
     }
     let sent_ids: Vec<String> = lines.concat().trim_start_matches("References:").split_whitespace().map(str::to_string).collect();
@@ -159,7 +162,8 @@ async fn shared_cases_have_expected_results() {
     let raw_subject = raw_field_lines(&message, "Subject").concat();
     for word in raw_subject.trim_start_matches("Subject:").split_whitespace() {
         assert!(word.len() <= 75, "encoded-word of {} characters: {word}", word.len());
-        assert!(word.starts_with("=?") && word.ends_with("?="), "{word}");
+        assert!(word.starts_with("=?"), "{word}");
+        assert!(word.ends_with("?="), "{word}");
     }
     checked.insert("subject-encoded-words.json", true);
 

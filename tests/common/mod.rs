@@ -34,7 +34,7 @@ pub struct Tenant {
 }
 
 impl Tenant {
-    /// A tenant that exists in no database, for requests that never reach a worker.
+    /// Returns a tenant that exists in no database, for requests that never reach a worker.
     pub fn placeholder() -> Tenant {
         Tenant { tenant_id: Uuid::nil(), owner: Uuid::nil(), domain: "placeholder.example".into(), public_key: String::new() }
     }
