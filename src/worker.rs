@@ -302,9 +302,10 @@ async fn handle_seen_request(context: &Context, row: &DeliveryRow) -> Result<(),
         return Ok(());
     };
     if !row.result_published {
-        // The first pass stored the result but the broker never confirmed it.
+        // Either the first pass stored the result and the broker never confirmed it, or its
+        // confirmation is still on the way. Publishing the stored event again is harmless:
+        // consumers deduplicate by event_id. The repeated request still gets its duplicate.
         publish_and_mark(context, &stored).await?;
-        return Ok(());
     }
     let duplicate = DeliveryResult { event_id: Uuid::new_v4(), duplicate: true, occurred_at: timestamp(Utc::now()), ..stored };
     context.publisher.publish_result(&duplicate).await?;

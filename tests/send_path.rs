@@ -182,6 +182,32 @@ async fn duplicate_request_sent_once() {
     env.check_contract();
 }
 
+/// A repeat that arrives before the first result's confirmation is recorded (the window
+/// between the broker's confirm and the database update) still gets its duplicate result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_before_publication_recorded() {
+    let mut env = TestEnv::with_worker().await;
+    let tenant = env.tenant(true).await;
+    let body = request(&tenant, &["customer@example.net"]);
+    let first = env.publish_and_wait(&body).await;
+    let request_id = first.request_id.expect("request id");
+    sqlx::query("UPDATE deliveries SET result_published_at = NULL WHERE request_id = $1")
+        .bind(request_id)
+        .execute(&env.pool)
+        .await
+        .expect("forget the publication");
+
+    env.publish(&body).await;
+    let second = env.next_result(|r| r.request_id == Some(request_id) && r.duplicate).await;
+
+    assert!(second.duplicate);
+    assert_eq!(second.message_id, first.message_id);
+    let republished = env.published.iter().filter(|p| p.result.event_id == first.event_id).count();
+    assert_eq!(republished, 2, "the stored result is published again under its own event id");
+    assert_eq!(env.received().len(), 1, "one SMTP transaction");
+    env.check_contract();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_rcpt_deferred_then_sent() {
     let mut env = TestEnv::with_worker().await;
