@@ -14,7 +14,9 @@ use uuid::Uuid;
 use crate::address::ascii_domain;
 use crate::configuration::{Requirement, Settings};
 use crate::store::{self, StoreError};
-use crate::{broker, dkim, startup, telemetry};
+use crate::{broker, onboarding, startup, telemetry};
+
+pub use crate::onboarding::{add_domain, AddedDomain};
 
 #[derive(Debug, Parser)]
 #[command(name = "outbound", version, about = "Sends a support platform's email replies from each tenant's own verified domain.")]
@@ -219,6 +221,49 @@ pub enum DomainCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Look the records up, print each one's state, and mark the domain verified when all
+    /// required ones pass (owner only). Exits 1 when the domain is not verified.
+    Verify {
+        #[arg(long)]
+        tenant: Uuid,
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        actor: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain, record by record, what a receiver sees for SPF, DKIM and DMARC.
+    Diagnose {
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a new DKIM key under a new selector; it signs once its record verifies (owner only).
+    RotateKey {
+        #[arg(long)]
+        tenant: Uuid,
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        actor: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sign with an Ed25519 key (RFC 8463) beside the RSA one, or stop (owner only).
+    DualSigning {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        #[arg(long)]
+        tenant: Uuid,
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        actor: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
     /// Operator override: mark a domain verified without a DNS check; audited.
     MarkVerified {
         #[arg(long)]
@@ -371,7 +416,55 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&added).expect("records serialize"));
             } else {
-                print_records(&added);
+                onboarding::print_records(&added);
+            }
+            Ok(())
+        }
+        Command::Domain(DomainCommand::Verify { tenant, domain, actor, json }) => {
+            let settings = Settings::load(config, &[])?;
+            let report = onboarding::verify(&settings, tenant, &domain, actor).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+            } else {
+                onboarding::print_verify(&report);
+            }
+            if report.verified {
+                Ok(())
+            } else {
+                Err(onboarding::verify_failure(&report))
+            }
+        }
+        Command::Domain(DomainCommand::Diagnose { domain, json }) => {
+            let settings = Settings::load(config, &[])?;
+            let diagnosis = onboarding::diagnose(&settings, &domain).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&diagnosis).expect("diagnosis serializes"));
+            } else {
+                onboarding::print_diagnosis(&diagnosis);
+            }
+            Ok(())
+        }
+        Command::Domain(DomainCommand::RotateKey { tenant, domain, actor, json }) => {
+            let settings = Settings::load(config, &[Requirement::KeyEncryptionKey])?;
+            let report = onboarding::add_key(&settings, tenant, &domain, actor, crate::dkim::Algorithm::Rsa).await?;
+            print_new_key(&report, json);
+            Ok(())
+        }
+        Command::Domain(DomainCommand::DualSigning { state, tenant, domain, actor, json }) => {
+            if state == "on" {
+                let settings = Settings::load(config, &[Requirement::KeyEncryptionKey])?;
+                let report = onboarding::add_key(&settings, tenant, &domain, actor, crate::dkim::Algorithm::Ed25519).await?;
+                print_new_key(&report, json);
+            } else {
+                let settings = Settings::load(config, &[])?;
+                let changed = onboarding::stop_dual_signing(&settings, tenant, &domain, actor).await?;
+                if json {
+                    println!("{}", serde_json::json!({"keys_retired": changed}));
+                } else if changed == 0 {
+                    println!("dual signing was not on for {domain}; nothing changed");
+                } else {
+                    println!("dual signing is off for {domain}: messages carry the RSA signature only. The Ed25519 record may be deleted after the overlap.");
+                }
             }
             Ok(())
         }
@@ -495,6 +588,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+fn print_new_key(report: &onboarding::NewKeyReport, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report).expect("report serializes"));
+    } else {
+        onboarding::print_new_key(report);
+    }
+}
+
 async fn connect_pool(config: Option<&std::path::Path>) -> Result<sqlx::PgPool, CliError> {
     let settings = Settings::load(config, &[])?;
     Ok(store::connect(&settings.database, store::Patience::Once).await?)
@@ -555,90 +656,6 @@ fn check_email(flag: &str, email: &str) -> Result<(), CliError> {
     crate::address::Address::parse(email)
         .map(|_| ())
         .map_err(|err| CliError::Usage(format!("invalid {flag} {email}: {err}")))
-}
-
-/// One DNS record to publish.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DnsRecord {
-    pub name: String,
-    #[serde(rename = "type")]
-    pub record_type: String,
-    pub value: String,
-    pub purpose: String,
-    pub required: bool,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct AddedDomain {
-    pub domain: String,
-    pub selector: String,
-    pub records: Vec<DnsRecord>,
-    /// The DKIM public key (base64 SubjectPublicKeyInfo), as in the record's `p=` tag.
-    pub public_key: String,
-}
-
-/// Makes the domain's DKIM key and token, stores them (the key encrypted), and returns
-/// the records to publish.
-pub async fn add_domain(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid) -> Result<AddedDomain, CliError> {
-    let domain = ascii_domain(domain).ok_or_else(|| CliError::Usage(format!("invalid --domain {domain}: write a host name like mail.example.com")))?;
-    let kek = settings.keys.encryption_key.clone().expect("required at load");
-    let key = dkim::generate_key().map_err(|err| CliError::Runtime(err.into()))?;
-    let selector = format!("ob{}", Utc::now().format("%Y%m%d"));
-    let token = Uuid::new_v4().simple().to_string();
-    let pool = store::connect(&settings.database, store::Patience::Once).await?;
-    store::add_domain(
-        &pool,
-        store::NewDomain {
-            tenant_id: tenant,
-            actor,
-            domain: &domain,
-            selector: &selector,
-            encrypted_private_key: dkim::encrypt_private_key(&kek, &domain, &key.private_pkcs8),
-            public_key: &key.public_base64,
-            verification_token: &token,
-        },
-    )
-    .await?;
-
-    let records = vec![
-        DnsRecord {
-            name: format!("_outbound-verification.{domain}"),
-            record_type: "TXT".into(),
-            value: format!("\"outbound-verification={token}\""),
-            purpose: "proves the tenant controls the domain".into(),
-            required: true,
-        },
-        DnsRecord {
-            name: format!("{selector}._domainkey.{domain}"),
-            record_type: "TXT".into(),
-            value: dkim::dkim_record_value(&key.public_base64),
-            purpose: "DKIM public key that receivers check signatures with".into(),
-            required: true,
-        },
-        DnsRecord {
-            name: domain.clone(),
-            record_type: "TXT".into(),
-            value: format!("\"v=spf1 include:{} ~all\"", settings.domains.spf_include),
-            purpose: "SPF: lets the platform's relays send for the domain (merge the include into an existing SPF record)".into(),
-            required: true,
-        },
-        DnsRecord {
-            name: format!("_dmarc.{domain}"),
-            record_type: "TXT".into(),
-            value: "\"v=DMARC1; p=quarantine; adkim=r; aspf=r\"".into(),
-            purpose: "DMARC: recommended policy for mail that fails SPF and DKIM alignment".into(),
-            required: false,
-        },
-    ];
-    Ok(AddedDomain { domain, selector, records, public_key: key.public_base64 })
-}
-
-fn print_records(added: &AddedDomain) {
-    println!("Publish these DNS records for {} (selector {}):\n", added.domain, added.selector);
-    for record in &added.records {
-        let required = if record.required { "required" } else { "recommended" };
-        println!("{} {} ({required}: {})\n  {}\n", record.name, record.record_type, record.purpose, record.value);
-    }
 }
 
 /// Publishes each file as a send request. With `validate`, every file is checked first and

@@ -162,6 +162,8 @@ pub struct DomainSettings {
     pub spf_include: String,
     pub revalidate_interval: Duration,
     pub grace_period: Duration,
+    /// How long a rotated-out DKIM key's record stays published before it is safe to remove.
+    pub key_overlap: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -314,6 +316,7 @@ impl Settings {
                 spf_include: reader.text("domains.spf_include"),
                 revalidate_interval: reader.duration("domains.revalidate_interval"),
                 grace_period: reader.duration("domains.grace_period"),
+                key_overlap: reader.duration("domains.key_overlap"),
             },
             limits: LimitSettings {
                 max_recipients: reader.number("limits.max_recipients", 1, 10_000),
@@ -651,6 +654,7 @@ mod tests {
         assert_eq!(settings.domains.spf_include, "_spf.outbound.example");
         assert_eq!(settings.domains.revalidate_interval, Duration::from_secs(24 * 3600));
         assert_eq!(settings.domains.grace_period, Duration::from_secs(72 * 3600));
+        assert_eq!(settings.domains.key_overlap, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(settings.limits.max_recipients, 50);
         assert_eq!(settings.limits.max_message_size, 10 * 1024 * 1024);
         assert!(settings.smtp.url.is_none());

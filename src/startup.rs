@@ -80,11 +80,34 @@ pub async fn run_worker_until(settings: Settings, broker_connected: Arc<AtomicBo
     let relay = Relay::new(target.clone(), &settings.smtp);
     let key_encryption_key = settings.keys.encryption_key.clone().expect("required at load");
     tracing::info!(relay = ?target, prefetch = settings.worker.prefetch, "worker starting");
+    let revalidation = start_revalidation(&settings, &pool, &shutdown);
     let context = Arc::new(Context { settings, pool, relay, publisher: Publisher::default(), key_encryption_key });
-    worker::run(context.clone(), broker_connected, shutdown).await?;
+    let worked = worker::run(context.clone(), broker_connected, shutdown.clone()).await;
+    // The worker may stop on an error without a signal; revalidation stops with it.
+    shutdown.cancel();
+    if let Some(revalidation) = revalidation {
+        let _ = revalidation.await;
+    }
+    worked?;
     context.pool.close().await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Starts the domain revalidation loop, or logs why it cannot run: the worker still sends,
+/// but domains are not re-checked.
+fn start_revalidation(settings: &Settings, pool: &sqlx::PgPool, shutdown: &CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+    match crate::dns::Resolver::new(&settings.dns) {
+        Ok(resolver) => {
+            let dns: Arc<dyn crate::dns::TxtSource> = Arc::new(resolver);
+            let task = crate::revalidation::run(pool.clone(), settings.domains.clone(), dns, shutdown.clone());
+            Some(tokio::spawn(task))
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "domain revalidation is off: no DNS resolver");
+            None
+        }
+    }
 }
 
 async fn wait_for_signal() {

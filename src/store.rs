@@ -13,6 +13,8 @@ use sqlx::{ConnectOptions, Connection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::configuration::DatabaseSettings;
+use crate::dkim::Algorithm;
+use crate::domains::{DomainFacts, DomainStatus, KeyFacts, KeyState};
 use crate::outcome::{DeliveryResult, RecipientOutcome, Status};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -256,37 +258,362 @@ pub struct NewDomain<'a> {
     pub tenant_id: Uuid,
     pub actor: Uuid,
     pub domain: &'a str,
+    pub verification_token: &'a str,
+    /// The first RSA key; it signs as soon as the domain is verified.
+    pub key: NewKey<'a>,
+}
+
+pub struct NewKey<'a> {
     pub selector: &'a str,
+    pub algorithm: Algorithm,
     pub encrypted_private_key: Vec<u8>,
     pub public_key: &'a str,
-    pub verification_token: &'a str,
 }
 
 pub async fn add_domain(pool: &PgPool, new: NewDomain<'_>) -> Result<(), StoreError> {
     let mut tx = scoped(pool, new.tenant_id, Some(new.actor)).await?;
     require_scoped_tenant(&mut tx, new.tenant_id).await?;
-    let inserted = sqlx::query(
-        "INSERT INTO sending_domains (id, tenant_id, domain, selector, dkim_private_key, dkim_public_key, verification_token)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (domain) DO NOTHING",
-    )
-    .bind(Uuid::new_v4())
-    .bind(new.tenant_id)
-    .bind(new.domain)
-    .bind(new.selector)
-    .bind(&new.encrypted_private_key)
-    .bind(new.public_key)
-    .bind(new.verification_token)
-    .execute(&mut *tx)
-    .await?;
+    let inserted = sqlx::query("INSERT INTO sending_domains (id, tenant_id, domain, verification_token) VALUES ($1, $2, $3, $4) ON CONFLICT (domain) DO NOTHING")
+        .bind(Uuid::new_v4())
+        .bind(new.tenant_id)
+        .bind(new.domain)
+        .bind(new.verification_token)
+        .execute(&mut *tx)
+        .await?;
     if inserted.rows_affected() == 0 {
         return Err(StoreError::Conflict(format!(
             "domain {} is already registered; each sending domain belongs to one tenant",
             new.domain
         )));
     }
-    let value = serde_json::json!({"selector": new.selector, "status": "pending"});
+    insert_key(&mut tx, new.tenant_id, new.domain, &new.key, KeyState::Active).await?;
+    let value = serde_json::json!({"selector": new.key.selector, "status": "pending"});
     audit(&mut tx, Some(new.tenant_id), &new.actor.to_string(), "domain.add", Some(new.domain), None, Some(value), None).await?;
     tx.commit().await?;
+    Ok(())
+}
+
+async fn insert_key(tx: &mut sqlx::PgConnection, tenant_id: Uuid, domain: &str, key: &NewKey<'_>, state: KeyState) -> Result<(), StoreError> {
+    let activated_at = (state == KeyState::Active).then(Utc::now);
+    sqlx::query(
+        "INSERT INTO dkim_keys (id, tenant_id, domain, selector, algorithm, private_key, public_key, state, activated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(Uuid::new_v4())
+    .bind(tenant_id)
+    .bind(domain)
+    .bind(key.selector)
+    .bind(key.algorithm.as_str())
+    .bind(&key.encrypted_private_key)
+    .bind(key.public_key)
+    .bind(key_state_text(state))
+    .bind(activated_at)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+fn key_state_text(state: KeyState) -> &'static str {
+    match state {
+        KeyState::Pending => "pending",
+        KeyState::Active => "active",
+        KeyState::Retired => "retired",
+    }
+}
+
+/// Adds a key that waits for its DNS record: a rotation's new RSA key, or the Ed25519 key
+/// of dual signing. Owner-only, audited.
+pub async fn add_pending_key(pool: &PgPool, tenant_id: Uuid, actor: Uuid, domain: &str, key: NewKey<'_>) -> Result<(), StoreError> {
+    let mut tx = scoped(pool, tenant_id, Some(actor)).await?;
+    require_owner(&mut tx, tenant_id, actor).await?;
+    let waiting: Option<String> = sqlx::query_scalar("SELECT selector FROM dkim_keys WHERE domain = $1 AND algorithm = $2 AND state = 'pending'")
+        .bind(domain)
+        .bind(key.algorithm.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+    if let Some(selector) = waiting {
+        return Err(StoreError::Conflict(format!(
+            "domain {domain} already has a new {} key waiting for its DNS record (selector {selector}); publish that record and run `outbound domain verify`",
+            key.algorithm.as_str()
+        )));
+    }
+    insert_key(&mut tx, tenant_id, domain, &key, KeyState::Pending).await?;
+    let value = serde_json::json!({"selector": key.selector, "algorithm": key.algorithm.as_str(), "state": "pending"});
+    audit(&mut tx, Some(tenant_id), &actor.to_string(), "domain.key_add", Some(domain), None, Some(value), None).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Stops signing with the domain's keys of one algorithm: a pending key is deleted, an
+/// active one retired. Returns how many keys changed. Owner-only, audited.
+pub async fn retire_keys(pool: &PgPool, tenant_id: Uuid, actor: Uuid, domain: &str, algorithm: Algorithm) -> Result<u64, StoreError> {
+    let mut tx = scoped(pool, tenant_id, Some(actor)).await?;
+    require_owner(&mut tx, tenant_id, actor).await?;
+    let deleted = sqlx::query("DELETE FROM dkim_keys WHERE domain = $1 AND algorithm = $2 AND state = 'pending'")
+        .bind(domain)
+        .bind(algorithm.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    let retired = sqlx::query("UPDATE dkim_keys SET state = 'retired', retired_at = now() WHERE domain = $1 AND algorithm = $2 AND state = 'active'")
+        .bind(domain)
+        .bind(algorithm.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if deleted + retired > 0 {
+        let value = serde_json::json!({"algorithm": algorithm.as_str(), "state": "retired"});
+        audit(&mut tx, Some(tenant_id), &actor.to_string(), "domain.key_retire", Some(domain), None, Some(value), None).await?;
+    }
+    tx.commit().await?;
+    Ok(deleted + retired)
+}
+
+/// Fails with [`StoreError::PermissionDenied`] unless `actor` owns the tenant. The triggers
+/// enforce the rule on every write; this check lets a command refuse before its DNS lookups.
+pub async fn require_owner(tx: &mut sqlx::PgConnection, tenant_id: Uuid, actor: Uuid) -> Result<(), StoreError> {
+    let owner: bool = sqlx::query_scalar("SELECT is_tenant_owner($1, $2)").bind(tenant_id).bind(actor).fetch_one(&mut *tx).await?;
+    if owner {
+        Ok(())
+    } else {
+        Err(StoreError::PermissionDenied)
+    }
+}
+
+/// [`require_owner`] on a connection of its own, for commands that check before they work.
+pub async fn check_owner(pool: &PgPool, tenant_id: Uuid, actor: Uuid) -> Result<(), StoreError> {
+    let mut connection = pool.acquire().await?;
+    require_owner(&mut connection, tenant_id, actor).await
+}
+
+/// A sending domain with its keys (public parts only), as the checks and reports need it.
+#[derive(Debug, Clone)]
+pub struct StoredDomain {
+    pub tenant_id: Uuid,
+    pub domain: String,
+    pub status: DomainStatus,
+    pub verification_token: String,
+    pub verified_at: Option<DateTime<Utc>>,
+    pub failing_since: Option<DateTime<Utc>>,
+    pub checked_at: Option<DateTime<Utc>>,
+    pub keys: Vec<StoredKey>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoredKey {
+    pub selector: String,
+    pub algorithm: Algorithm,
+    pub state: KeyState,
+    #[serde(skip)]
+    pub public_key: String,
+    pub created_at: DateTime<Utc>,
+    pub activated_at: Option<DateTime<Utc>>,
+    pub retired_at: Option<DateTime<Utc>>,
+}
+
+impl StoredDomain {
+    pub fn facts(&self) -> DomainFacts {
+        DomainFacts {
+            domain: self.domain.clone(),
+            verification_token: self.verification_token.clone(),
+            keys: self
+                .keys
+                .iter()
+                .map(|key| KeyFacts {
+                    selector: key.selector.clone(),
+                    algorithm: key.algorithm,
+                    public_key: key.public_key.clone(),
+                    state: key.state,
+                    retired_at: key.retired_at,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Reads a domain and its keys: tenant-scoped when `tenant_id` is given (owner commands),
+/// across tenants otherwise (operator commands and revalidation).
+pub async fn find_domain(pool: &PgPool, tenant_id: Option<Uuid>, domain: &str) -> Result<Option<StoredDomain>, StoreError> {
+    let mut tx = tenant_tx(pool, tenant_id).await?;
+    let found = read_domain(&mut tx, domain).await?;
+    tx.commit().await?;
+    Ok(found)
+}
+
+async fn read_domain(tx: &mut sqlx::PgConnection, domain: &str) -> Result<Option<StoredDomain>, StoreError> {
+    let Some(row) = sqlx::query(
+        "SELECT tenant_id, domain, status, verification_token, verified_at, failing_since, checked_at FROM sending_domains WHERE domain = $1",
+    )
+    .bind(domain)
+    .fetch_optional(&mut *tx)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let keys = sqlx::query(
+        "SELECT selector, algorithm, state, public_key, created_at, activated_at, retired_at FROM dkim_keys
+         WHERE domain = $1 ORDER BY created_at, selector",
+    )
+    .bind(domain)
+    .fetch_all(&mut *tx)
+    .await?;
+    let status: String = row.get("status");
+    Ok(Some(StoredDomain {
+        tenant_id: row.get("tenant_id"),
+        domain: row.get("domain"),
+        status: DomainStatus::parse(&status).unwrap_or(DomainStatus::Pending),
+        verification_token: row.get("verification_token"),
+        verified_at: row.get("verified_at"),
+        failing_since: row.get("failing_since"),
+        checked_at: row.get("checked_at"),
+        keys: keys
+            .iter()
+            .filter_map(|key| {
+                Some(StoredKey {
+                    selector: key.get("selector"),
+                    algorithm: Algorithm::parse(key.get("algorithm"))?,
+                    state: KeyState::parse(key.get("state"))?,
+                    public_key: key.get("public_key"),
+                    created_at: key.get("created_at"),
+                    activated_at: key.get("activated_at"),
+                    retired_at: key.get("retired_at"),
+                })
+            })
+            .collect(),
+    }))
+}
+
+/// What a DNS check found, to store.
+pub struct CheckOutcome<'a> {
+    pub domain: &'a str,
+    /// The new status, or `None` to keep the current one.
+    pub status: Option<DomainStatus>,
+    /// Record by record, as `domain verify --json` prints it.
+    pub checks: serde_json::Value,
+    /// Pending keys whose records passed: they replace the active key of their algorithm.
+    pub keys_ready: &'a [String],
+}
+
+/// Stores an owner's `domain verify`. A domain that becomes verified from pending or
+/// suspended also gets outbound sending enabled; one that was already verified or failing
+/// keeps the tenant's switch as the owner left it. Returns the old status.
+pub async fn record_verification(pool: &PgPool, tenant_id: Uuid, actor: Uuid, outcome: CheckOutcome<'_>) -> Result<DomainStatus, StoreError> {
+    let mut tx = scoped(pool, tenant_id, Some(actor)).await?;
+    require_owner(&mut tx, tenant_id, actor).await?;
+    let old = domain_status_for_update(&mut tx, outcome.domain, tenant_id).await?;
+    let actor_text = actor.to_string();
+    store_check(&mut tx, tenant_id, &actor_text, old, &outcome).await?;
+
+    if outcome.status == Some(DomainStatus::Verified) && matches!(old, DomainStatus::Pending | DomainStatus::Suspended) {
+        let was_enabled: bool = sqlx::query_scalar("SELECT outbound_enabled FROM tenants WHERE id = $1").bind(tenant_id).fetch_one(&mut *tx).await?;
+        if !was_enabled {
+            sqlx::query("UPDATE tenants SET outbound_enabled = true WHERE id = $1").bind(tenant_id).execute(&mut *tx).await?;
+            let reason = format!("domain {} verified", outcome.domain);
+            audit(&mut tx, Some(tenant_id), &actor_text, "settings.set", Some("outbound_enabled"), Some(false.into()), Some(true.into()), Some(&reason)).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(old)
+}
+
+async fn domain_status_for_update(tx: &mut sqlx::PgConnection, domain: &str, tenant_id: Uuid) -> Result<DomainStatus, StoreError> {
+    let old: Option<String> = sqlx::query_scalar("SELECT status FROM sending_domains WHERE domain = $1 FOR UPDATE")
+        .bind(domain)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(old) = old else {
+        return Err(StoreError::NotFound(format!(
+            "domain {domain} is not registered for tenant {tenant_id}; add it first with `outbound domain add`"
+        )));
+    };
+    Ok(DomainStatus::parse(&old).unwrap_or(DomainStatus::Pending))
+}
+
+/// Writes a check's status change, key activations and audit entries in the caller's
+/// transaction.
+async fn store_check(tx: &mut sqlx::PgConnection, tenant_id: Uuid, actor: &str, old: DomainStatus, outcome: &CheckOutcome<'_>) -> Result<(), StoreError> {
+    let new = outcome.status.unwrap_or(old);
+    sqlx::query(
+        "UPDATE sending_domains SET status = $2, last_check = $3, checked_at = now(),
+             verified_at = CASE WHEN $2 = 'verified' AND status <> 'verified' THEN now() ELSE verified_at END,
+             failing_since = CASE WHEN $2 = 'failing' THEN coalesce(failing_since, now()) WHEN $2 = 'verified' THEN NULL ELSE failing_since END
+         WHERE domain = $1",
+    )
+    .bind(outcome.domain)
+    .bind(new.as_str())
+    .bind(&outcome.checks)
+    .execute(&mut *tx)
+    .await?;
+    if new != old {
+        audit(&mut *tx, Some(tenant_id), actor, "domain.status", Some(outcome.domain), Some(old.as_str().into()), Some(new.as_str().into()), None).await?;
+    }
+
+    for selector in outcome.keys_ready {
+        let retired: Vec<String> = sqlx::query_scalar(
+            "UPDATE dkim_keys SET state = 'retired', retired_at = now()
+             WHERE domain = $1 AND state = 'active' AND algorithm = (SELECT algorithm FROM dkim_keys WHERE domain = $1 AND selector = $2 AND state = 'pending')
+             RETURNING selector",
+        )
+        .bind(outcome.domain)
+        .bind(selector)
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE dkim_keys SET state = 'active', activated_at = now() WHERE domain = $1 AND selector = $2 AND state = 'pending'")
+            .bind(outcome.domain)
+            .bind(selector)
+            .execute(&mut *tx)
+            .await?;
+        let old_value = serde_json::json!({"retired": retired});
+        let new_value = serde_json::json!({"active": selector});
+        audit(&mut *tx, Some(tenant_id), actor, "domain.key_activate", Some(outcome.domain), Some(old_value), Some(new_value), None).await?;
+    }
+    Ok(())
+}
+
+/// Claims up to `limit` verified or failing domains whose last check is older than
+/// `interval`, and marks them checked now so that other workers skip them.
+pub async fn claim_due_domains(pool: &PgPool, interval: Duration, limit: i64) -> Result<Vec<StoredDomain>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let names: Vec<String> = sqlx::query_scalar(
+        "UPDATE sending_domains SET checked_at = now() WHERE domain IN (
+             SELECT domain FROM sending_domains
+             WHERE status IN ('verified', 'failing') AND (checked_at IS NULL OR checked_at <= now() - make_interval(secs => $1))
+             ORDER BY checked_at NULLS FIRST LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING domain",
+    )
+    .bind(interval.as_secs_f64())
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut domains = Vec::with_capacity(names.len());
+    for name in names {
+        if let Some(domain) = read_domain(&mut tx, &name).await? {
+            domains.push(domain);
+        }
+    }
+    tx.commit().await?;
+    Ok(domains)
+}
+
+/// Stores a revalidation. Runs as the login role: it is the platform's own check, audited
+/// with the actor "revalidation".
+pub async fn record_revalidation(pool: &PgPool, tenant_id: Uuid, outcome: CheckOutcome<'_>) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let old = domain_status_for_update(&mut tx, outcome.domain, tenant_id).await?;
+    store_check(&mut tx, tenant_id, "revalidation", old, &outcome).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Moves a domain's next revalidation to `retry_in` from now, after a lookup that got no
+/// answer.
+pub async fn postpone_revalidation(pool: &PgPool, domain: &str, interval: Duration, retry_in: Duration) -> Result<(), StoreError> {
+    sqlx::query("UPDATE sending_domains SET checked_at = now() - make_interval(secs => $2) + make_interval(secs => $3) WHERE domain = $1")
+        .bind(domain)
+        .bind(interval.as_secs_f64())
+        .bind(retry_in.as_secs_f64())
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
@@ -303,7 +630,8 @@ pub async fn mark_domain_verified(pool: &PgPool, tenant_id: Uuid, domain: &str, 
             "domain {domain} is not registered for tenant {tenant_id}; add it first with `outbound domain add`"
         )));
     };
-    sqlx::query("UPDATE sending_domains SET status = 'verified', verified_at = now() WHERE tenant_id = $1 AND domain = $2")
+    // checked_at starts the revalidation interval now, as a DNS verification would.
+    sqlx::query("UPDATE sending_domains SET status = 'verified', verified_at = now(), checked_at = now(), failing_since = NULL WHERE tenant_id = $1 AND domain = $2")
         .bind(tenant_id)
         .bind(domain)
         .execute(&mut *tx)
@@ -342,41 +670,64 @@ async fn audit(
 pub struct SenderState {
     pub outbound_enabled: bool,
     /// `None` when the domain is not one of the tenant's.
-    pub domain: Option<DomainKey>,
+    pub domain: Option<SenderDomain>,
 }
 
 #[derive(Debug, Clone)]
-pub struct DomainKey {
+pub struct SenderDomain {
     pub domain: String,
-    pub selector: String,
-    pub status: String,
-    pub encrypted_private_key: Vec<u8>,
-    pub public_key: String,
+    pub status: DomainStatus,
+    /// The keys that sign: one RSA key, and an Ed25519 key when dual signing is on.
+    pub active_keys: Vec<ActiveKey>,
 }
 
-/// Reads the tenant and its domain in one round trip; `None` when the tenant does not exist.
+#[derive(Debug, Clone)]
+pub struct ActiveKey {
+    pub selector: String,
+    pub algorithm: Algorithm,
+    pub encrypted_private_key: Vec<u8>,
+}
+
+/// Reads the tenant, its domain and the domain's signing keys; `None` when the tenant does
+/// not exist.
 pub async fn sender_state(pool: &PgPool, tenant_id: Uuid, domain: &str) -> Result<Option<SenderState>, StoreError> {
     let mut tx = scoped(pool, tenant_id, None).await?;
     let row = sqlx::query(
-        "SELECT t.outbound_enabled, d.domain, d.selector, d.status, d.dkim_private_key, d.dkim_public_key
-         FROM tenants t LEFT JOIN sending_domains d ON d.tenant_id = t.id AND d.domain = $2
+        "SELECT t.outbound_enabled, d.domain, d.status FROM tenants t LEFT JOIN sending_domains d ON d.tenant_id = t.id AND d.domain = $2
          WHERE t.id = $1",
     )
     .bind(tenant_id)
     .bind(domain)
     .fetch_optional(&mut *tx)
     .await?;
+    let Some(row) = row else {
+        tx.commit().await?;
+        return Ok(None);
+    };
+    let mut state = SenderState { outbound_enabled: row.get("outbound_enabled"), domain: None };
+    if let Some(name) = row.get::<Option<String>, _>("domain") {
+        let keys = sqlx::query("SELECT selector, algorithm, private_key FROM dkim_keys WHERE domain = $1 AND state = 'active' ORDER BY algorithm DESC")
+            .bind(&name)
+            .fetch_all(&mut *tx)
+            .await?;
+        let status: String = row.get("status");
+        state.domain = Some(SenderDomain {
+            domain: name,
+            status: DomainStatus::parse(&status).unwrap_or(DomainStatus::Pending),
+            active_keys: keys
+                .iter()
+                .filter_map(|key| {
+                    Some(ActiveKey {
+                        selector: key.get("selector"),
+                        algorithm: Algorithm::parse(key.get("algorithm"))?,
+                        encrypted_private_key: key.get("private_key"),
+                    })
+                })
+                .collect(),
+        });
+    }
     tx.commit().await?;
-    Ok(row.map(|row| SenderState {
-        outbound_enabled: row.get("outbound_enabled"),
-        domain: row.get::<Option<String>, _>("domain").map(|domain| DomainKey {
-            domain,
-            selector: row.get("selector"),
-            status: row.get("status"),
-            encrypted_private_key: row.get("dkim_private_key"),
-            public_key: row.get("dkim_public_key"),
-        }),
-    }))
+    Ok(Some(state))
 }
 
 // ---------------------------------------------------------------------------------
@@ -1014,8 +1365,14 @@ pub async fn tenant_settings(pool: &PgPool, tenant_id: Uuid) -> Result<serde_jso
     .await?;
 
     let domains: serde_json::Value = sqlx::query_scalar(
-        "SELECT coalesce(jsonb_agg(jsonb_build_object('domain', domain, 'selector', selector, 'status', status, 'verified_at', verified_at) ORDER BY domain), '[]')
-         FROM sending_domains WHERE tenant_id = $1",
+        "SELECT coalesce(jsonb_agg(jsonb_build_object('domain', d.domain, 'status', d.status, 'verified_at', d.verified_at,
+                    'failing_since', d.failing_since, 'checked_at', d.checked_at,
+                    'selector', (SELECT k.selector FROM dkim_keys k WHERE k.domain = d.domain AND k.algorithm = 'rsa' AND k.state = 'active'),
+                    'keys', (SELECT coalesce(jsonb_agg(jsonb_build_object('selector', k.selector, 'algorithm', k.algorithm, 'state', k.state,
+                                 'activated_at', k.activated_at, 'retired_at', k.retired_at) ORDER BY k.created_at), '[]')
+                             FROM dkim_keys k WHERE k.domain = d.domain))
+                ORDER BY d.domain), '[]')
+         FROM sending_domains d WHERE d.tenant_id = $1",
     )
     .bind(tenant_id)
     .fetch_one(pool)

@@ -19,6 +19,8 @@ pub const INFLIGHT: &str = "outbound_inflight_messages";
 pub const DEAD_LETTERED: &str = "outbound_dead_lettered_total";
 pub const BROKER_RECONNECTS: &str = "outbound_broker_reconnects_total";
 pub const PROCESSING_ERRORS: &str = "outbound_processing_errors_total";
+pub const DOMAIN_CHECKS: &str = "outbound_domain_checks_total";
+pub const DOMAIN_STATUS_CHANGES: &str = "outbound_domain_status_changes_total";
 
 /// Installs the tracing subscriber on stderr; `RUST_LOG` overrides `log.level`.
 pub fn init_tracing(settings: &LogSettings) {
@@ -66,6 +68,15 @@ pub fn init_metrics() -> PrometheusHandle {
     metrics::describe_counter!(
         PROCESSING_ERRORS,
         "Requests whose processing failed before a result was stored, by kind (database, broker, key). Any key error needs an operator."
+    );
+
+    metrics::describe_counter!(
+        DOMAIN_CHECKS,
+        "Domain revalidations, by result (pass, fail, inconclusive). A rise in inconclusive means the worker's DNS resolvers do not answer."
+    );
+    metrics::describe_counter!(
+        DOMAIN_STATUS_CHANGES,
+        "Domains moved by revalidation, by new status (failing, suspended, verified). Each suspended domain blocks a tenant's mail."
     );
 
     // Series without labels exist from the start, so that dashboards and alerts see zero.

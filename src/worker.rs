@@ -27,6 +27,7 @@ use crate::broker::{self, BrokerError, Publisher};
 use crate::compose::{self, Envelope};
 use crate::configuration::{KeyEncryptionKey, Settings};
 use crate::dkim;
+use crate::domains::DomainStatus;
 use crate::governance::{self, Verdict};
 use crate::outcome::{timestamp, DeliveryResult, Reason, RecipientOutcome, RecipientStatus, Status, RESULT_SCHEMA};
 use crate::relay::{Relay, RelayReport};
@@ -418,9 +419,7 @@ async fn deliver(context: &Context, request: &SendRequest, prior: Prior) -> Resu
             let envelope = thread_envelope(context, request, &domain.domain).await?;
             let unsigned = compose::compose(request, &envelope);
             let key_error = |source| WorkError::Key { domain: domain.domain.clone(), source };
-            let private_key = dkim::decrypt_private_key(&context.key_encryption_key, &domain.domain, &domain.encrypted_private_key).map_err(key_error)?;
-            let signer = dkim::Signer::new(&domain.domain, &domain.selector, &private_key).map_err(key_error)?;
-            let signed = signer.sign(&unsigned).map_err(key_error)?;
+            let signed = sign(context, &domain, &unsigned).map_err(key_error)?;
             if signed.len() > context.settings.limits.max_message_size {
                 let detail = format!(
                     "The composed message is {} bytes; the limit is {}, so send large files as links.",
@@ -505,16 +504,34 @@ fn sender_block(request: &SendRequest, state: Option<&store::SenderState>) -> Op
             format!("The from domain {domain} is not a sending domain of this tenant; send from one of its domains or add this one with `outbound domain add`."),
         ));
     };
-    if domain_state.status != "verified" {
-        return Some((
-            Reason::DomainNotVerified,
-            format!(
-                "The sending domain {domain} is {}, not verified; publish its DNS records and run `outbound domain verify`.",
-                domain_state.status
+    if !domain_state.status.may_send() {
+        let detail = match domain_state.status {
+            DomainStatus::Suspended => format!(
+                "The sending domain {domain} is suspended: its DNS records failed revalidation for the whole grace period. Fix them and run `outbound domain verify`."
             ),
-        ));
+            status => format!(
+                "The sending domain {domain} is {}, not verified; publish its DNS records and run `outbound domain verify`.",
+                status.as_str()
+            ),
+        };
+        return Some((Reason::DomainNotVerified, detail));
     }
     None
+}
+
+/// Signs with every active key of the domain: RSA, and Ed25519 too when dual signing is on.
+fn sign(context: &Context, domain: &store::SenderDomain, unsigned: &[u8]) -> Result<Vec<u8>, dkim::KeyError> {
+    let mut decrypted = Vec::with_capacity(domain.active_keys.len());
+    for key in &domain.active_keys {
+        decrypted.push(dkim::decrypt_private_key(&context.key_encryption_key, &domain.domain, &key.encrypted_private_key)?);
+    }
+    let keys: Vec<dkim::SigningKey<'_>> = domain
+        .active_keys
+        .iter()
+        .zip(&decrypted)
+        .map(|(key, private_pkcs8)| dkim::SigningKey { selector: &key.selector, algorithm: key.algorithm, private_pkcs8 })
+        .collect();
+    dkim::Signer::new(&domain.domain, &keys)?.sign(unsigned)
 }
 
 /// Picks the Message-ID and threading fields: the request's own, or the conversation's

@@ -58,7 +58,7 @@ async fn operator_flow_from_tenant_to_delivery_log() {
         assert!(records.iter().any(|r| r["name"].as_str().unwrap().starts_with(purpose)), "{purpose}");
     }
     assert!(records.iter().any(|r| r["value"].as_str().unwrap().contains("include:_spf.outbound.example")));
-    let stored_key: Vec<u8> = sqlx::query_scalar("SELECT dkim_private_key FROM sending_domains").fetch_one(&env.pool).await.unwrap();
+    let stored_key: Vec<u8> = sqlx::query_scalar("SELECT private_key FROM dkim_keys").fetch_one(&env.pool).await.unwrap();
     assert!(!String::from_utf8_lossy(&stored_key).contains("PRIVATE KEY"), "the private key is stored encrypted");
 
     let marked = outbound(&env, &["domain", "mark-verified", "--tenant", &tenant, "--domain", &domain, "--reason", "DNS checked by hand"]);

@@ -14,6 +14,7 @@ const TENANT_TABLES: &[(&str, &str)] = &[
     ("tenants", "id"),
     ("tenant_members", "tenant_id"),
     ("sending_domains", "tenant_id"),
+    ("dkim_keys", "tenant_id"),
     ("automations", "tenant_id"),
     ("suppressions", "tenant_id"),
     ("tenant_restrictions", "tenant_id"),
@@ -148,7 +149,8 @@ async fn owner_rule_holds_for_plain_sql() {
         "UPDATE tenants SET outbound_enabled = false WHERE id = $1",
         "UPDATE tenants SET automation_paused = true WHERE id = $1",
         "INSERT INTO automations (id, tenant_id, name) VALUES (gen_random_uuid(), $1, 'sneaky')",
-        "UPDATE sending_domains SET selector = 'evil' WHERE tenant_id = $1",
+        "UPDATE sending_domains SET status = 'verified' WHERE tenant_id = $1",
+        "UPDATE dkim_keys SET state = 'retired' WHERE tenant_id = $1",
         "INSERT INTO tenant_members (id, tenant_id, email, role) VALUES (gen_random_uuid(), $1, 'me@evil.example', 'owner')",
         "DELETE FROM tenant_members WHERE tenant_id = $1 AND role = 'owner'",
     ];

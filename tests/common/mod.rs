@@ -558,3 +558,118 @@ pub fn key_bytes() -> KeyEncryptionKey {
 pub fn database_settings(url: &str) -> DatabaseSettings {
     DatabaseSettings { url: url.to_string(), max_connections: 2 }
 }
+
+/// An authoritative DNS server on loopback (`tests/support/dns_server.py`) that answers from
+/// a zone file. The server rereads the file on every query, so tests change records while
+/// it runs.
+pub struct DnsServer {
+    pub port: u16,
+    process: Child,
+    zone_file: PathBuf,
+    records: Vec<serde_json::Value>,
+}
+
+impl DnsServer {
+    pub fn start(dir: &Path) -> DnsServer {
+        let zone_file = dir.join("zone.json");
+        std::fs::write(&zone_file, r#"{"records": []}"#).expect("write zone file");
+        let mut process = Command::new("python3")
+            .arg(project_root().join("tests/support/dns_server.py"))
+            .arg("--zone-file")
+            .arg(&zone_file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 runs the DNS server");
+        let mut line = String::new();
+        BufReader::new(process.stdout.take().expect("stdout piped")).read_line(&mut line).expect("DNS server prints its port");
+        let port = serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|started| started["port"].as_u64())
+            .unwrap_or_else(|| panic!("DNS server did not start: {line:?}; is dnslib installed (pip install -r tests/support/requirements.txt)?"));
+        DnsServer { port: port as u16, process, zone_file, records: Vec::new() }
+    }
+
+    /// `IP:PORT`, as `OUTBOUND_DNS_SERVERS` takes it.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Adds a TXT record made of `strings` (each one character-string).
+    pub fn add_txt(&mut self, name: &str, strings: &[&str]) {
+        self.records.push(serde_json::json!({"name": name, "type": "TXT", "value": strings}));
+        self.write();
+    }
+
+    /// Removes every record at `name`.
+    pub fn remove(&mut self, name: &str) {
+        self.records.retain(|record| !record["name"].as_str().unwrap_or_default().eq_ignore_ascii_case(name));
+        self.write();
+    }
+
+    /// Replaces the TXT records at `name` with one record of `strings`.
+    pub fn set_txt(&mut self, name: &str, strings: &[&str]) {
+        self.remove(name);
+        self.add_txt(name, strings);
+    }
+
+    /// Publishes records as `domain add` printed them: each quoted string stays one
+    /// character-string, so a split DKIM record arrives split.
+    pub fn publish(&mut self, records: &[serde_json::Value]) {
+        for record in records {
+            let name = record["name"].as_str().expect("record name");
+            let strings = quoted_strings(record["value"].as_str().expect("record value"));
+            let strings: Vec<&str> = strings.iter().map(String::as_str).collect();
+            self.set_txt(name, &strings);
+        }
+    }
+
+    fn write(&self) {
+        let temporary = self.zone_file.with_extension("tmp");
+        std::fs::write(&temporary, serde_json::json!({"records": self.records}).to_string()).expect("write zone");
+        std::fs::rename(&temporary, &self.zone_file).expect("replace zone");
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// Splits `"a" "b"` into its strings.
+pub fn quoted_strings(value: &str) -> Vec<String> {
+    value.split('"').skip(1).step_by(2).map(str::to_string).collect()
+}
+
+/// Verifies each base64 message's DKIM signatures with dkimpy, looking each key up in the
+/// DNS server as a receiver would. Returns dkimpy's report per message: `verified` (one
+/// flag per signature) and `signers` (`d`, `s`, `a` of each).
+pub fn verify_dkim_by_dns(messages_base64: &[String], dns: &DnsServer) -> Vec<serde_json::Value> {
+    let script = project_root().join("tests/support/dkim_verify.py");
+    let mut command = Command::new("python3");
+    command.arg(script).arg("--json-stdin").args(["--dns", &dns.address()]);
+    let output = pipe(command, serde_json::to_vec(messages_base64).unwrap());
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line}")))
+        .collect()
+}
+
+impl TestEnv {
+    /// Runs an `outbound` command against this environment, with `dns` as the resolver.
+    pub fn cli(&self, args: &[&str], dns: Option<&DnsServer>) -> std::process::Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_outbound"));
+        command
+            .args(args)
+            .env("OUTBOUND_DATABASE_URL", &self.database_url)
+            .env("OUTBOUND_AMQP_URL", &self.amqp_url)
+            .env("OUTBOUND_KEY_ENCRYPTION_KEY", KEY_HEX)
+            .env("RUST_LOG", "warn");
+        if let Some(dns) = dns {
+            command.env("OUTBOUND_DNS_SERVERS", dns.address());
+        }
+        command.output().expect("the binary runs")
+    }
+}

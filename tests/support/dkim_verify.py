@@ -1,14 +1,26 @@
 #!/usr/bin/env python3
-"""Verify every DKIM-Signature of raw messages against given public keys, without DNS.
+"""Verify every DKIM-Signature of raw messages with given public keys or keys from DNS.
 
 Usage:
   dkim_verify.py --public-key BASE64 [--public-key BASE64 ...] FILE...
-  dkim_verify.py --public-key BASE64 --json-stdin < messages.json
+  dkim_verify.py --dns HOST:PORT FILE...
+  dkim_verify.py (--public-key BASE64 ... | --dns HOST:PORT) --json-stdin < messages.json
+
+Give either --public-key (repeatable) or --dns, not both.
 
 Each --public-key is the p= value of a DKIM TXT record: base64 of a
 SubjectPublicKeyInfo DER for RSA, or of the raw 32-byte key for Ed25519. A signature
 verifies if any given key of the type named by its a= tag verifies it. The selector
 and domain in the signature are not checked against the keys.
+
+With --dns, the key of each signature is the TXT record at <s>._domainkey.<d>,
+queried from the DNS server HOST:PORT instead of the system resolver. The query goes
+over UDP without EDNS, and again over TCP if the response is truncated. The
+character-strings of the record are concatenated without separators (RFC 6376 section
+3.6.2.2). A signature fails if the name has no TXT record, or more than one because
+RFC 6376 leaves that case undefined. It also fails if the record's k= tag does not
+match the a= tag, or if the lookup times out (5 seconds per attempt) or returns an
+rcode other than NOERROR or NXDOMAIN.
 
 For each message, one JSON line goes to stdout:
   {"file": ..., "signatures": N, "verified": [true, ...],
@@ -26,13 +38,17 @@ import argparse
 import base64
 import binascii
 import dataclasses
+import functools
 import json
 import logging
+import struct
 import sys
+from collections.abc import Callable
 
 import dkim
 import dkim.crypto
 import dkim.util
+from dnslib import QTYPE, RCODE, DNSError, DNSLabelError, DNSRecord
 
 ED25519_KEY_LENGTH = 32
 KEY_TYPE_BY_ALGORITHM = {"rsa-sha256": "rsa", "ed25519-sha256": "ed25519"}
@@ -40,6 +56,13 @@ KEY_TYPE_BY_ALGORITHM = {"rsa-sha256": "rsa", "ed25519-sha256": "ed25519"}
 
 class UsageError(Exception):
     """Invalid command-line argument or stdin content."""
+
+
+class DnsLookupError(dkim.DKIMException):
+    """Failed DNS query for a key record: a timeout, a network error or an error rcode.
+
+    dkimpy 1.1's verify() does not catch it, so verify_with_dnsfunc reports its message.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +94,102 @@ def parse_public_key(text: str) -> PublicKey:
             f"nor an RSA SubjectPublicKeyInfo ({error})"
         )
     return PublicKey("rsa", compact)
+
+
+def check_key_type(record: bytes, key_type: str, name: str) -> None:
+    """Raise KeyFormatError if the k= tag of a key record is not key_type."""
+    try:
+        tags = dkim.util.parse_tag_value(record)
+    except dkim.util.InvalidTagValueList:
+        return  # dkimpy rejects the record itself, with its own message
+    record_key_type = tags.get(b"k", b"rsa").decode("ascii", "replace")
+    if record_key_type != key_type:
+        raise dkim.KeyFormatError(
+            f"key record at {name} has k={record_key_type}, but the signature needs "
+            f"k={key_type}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DnsKeyLookup:
+    """DNS server that key records are queried from, in place of the system resolver."""
+
+    host: str
+    port: int
+
+    def dns_txt(self, name: bytes, timeout: float = 5, *, key_type: str) -> bytes:
+        """Look up the DKIM key record at name, as dkimpy's dnsfunc.
+
+        Raises dkim.KeyFormatError unless there is exactly one TXT record and its k=
+        tag is key_type, and DnsLookupError if the query fails.
+        """
+        text_name = name.decode("ascii", "replace")
+        response = self.query_txt(name, timeout)
+        rcode = response.header.rcode
+        if rcode not in (RCODE.NOERROR, RCODE.NXDOMAIN):
+            raise DnsLookupError(
+                f"TXT query for {text_name} to {self.host}:{self.port} returned "
+                f"{RCODE.get(rcode)}"
+            )
+
+        # A CNAME chain, if any, precedes the TXT records in the answer section.
+        records = [record.rdata for record in response.rr if record.rtype == QTYPE.TXT]
+        if not records:
+            raise dkim.KeyFormatError(
+                f"missing public key: no TXT record at {text_name} ({RCODE.get(rcode)})"
+            )
+        if len(records) > 1:
+            raise dkim.KeyFormatError(
+                f"{len(records)} TXT records at {text_name}, but RFC 6376 section "
+                f"3.6.2.2 requires one key record per selector"
+            )
+        record = b"".join(records[0].data)
+        check_key_type(record, key_type, text_name)
+        return record
+
+    def query_txt(self, name: bytes, timeout: float) -> DNSRecord:
+        """Query UDP first, then TCP if the UDP response is truncated."""
+        query = DNSRecord.question(name, "TXT")
+        response = self.send(query, "UDP", timeout)
+        if response.header.tc:
+            response = self.send(query, "TCP", timeout)
+        return response
+
+    def send(self, query: DNSRecord, transport: str, timeout: float) -> DNSRecord:
+        text_name = str(query.q.qname)
+        server = f"{self.host}:{self.port} over {transport}"
+        try:
+            tcp = transport == "TCP"
+            data = query.send(self.host, self.port, tcp=tcp, timeout=timeout)
+            response = DNSRecord.parse(data)
+        except TimeoutError:
+            raise DnsLookupError(
+                f"TXT query for {text_name} to {server} timed out after {timeout} s"
+            )
+        except (OSError, struct.error, DNSError, DNSLabelError) as error:
+            raise DnsLookupError(f"TXT query for {text_name} to {server} failed: {error}")
+
+        if response.header.id != query.header.id or not response.header.qr:
+            raise DnsLookupError(
+                f"response from {server} does not match the query for {text_name}"
+            )
+        if response.header.tc and transport == "TCP":
+            raise DnsLookupError(f"response from {server} for {text_name} is truncated")
+        return response
+
+
+# Where verification gets keys from: --public-key values or the --dns server.
+KeySource = list[PublicKey] | DnsKeyLookup
+
+
+def parse_dns_server(text: str) -> DnsKeyLookup:
+    """Parse the --dns value HOST:PORT."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected HOST:PORT, for example 127.0.0.1:5353"
+        )
+    return DnsKeyLookup(host, int(port))
 
 
 class ErrorCollector(logging.Handler):
@@ -105,10 +224,27 @@ def describe_signer(tags: dict[bytes, bytes]) -> dict[str, str | None]:
     return {"d": text(b"d"), "s": text(b"s"), "a": text(b"a")}
 
 
-def verify_signature(
-    message: bytes, index: int, tags: dict[bytes, bytes], keys: list[PublicKey]
+def verify_with_dnsfunc(
+    message: bytes, index: int, dnsfunc: Callable[..., bytes]
 ) -> str | None:
-    """Verify signature number index with each key of matching type.
+    """Verify signature number index with the key record that dnsfunc returns.
+
+    Returns None if it verifies, otherwise the reason it failed.
+    """
+    logger, collector = create_dkimpy_logger()
+    verifier = dkim.DKIM(message, logger=logger)
+    try:
+        if verifier.verify(idx=index, dnsfunc=dnsfunc):
+            return None
+        return "; ".join(collector.messages) or "signature (b=) does not match"
+    except dkim.DKIMException as error:
+        return str(error)
+
+
+def verify_signature(
+    message: bytes, index: int, tags: dict[bytes, bytes], keys: KeySource
+) -> str | None:
+    """Verify signature number index with its key from DNS or each given key of its type.
 
     Returns None if one key verifies it, otherwise the reason it failed.
     """
@@ -119,27 +255,26 @@ def verify_signature(
     key_type = KEY_TYPE_BY_ALGORITHM.get(algorithm)
     if key_type is None:
         return f"unsupported signature algorithm a={algorithm!r}"
+    if isinstance(keys, DnsKeyLookup):
+        dnsfunc = functools.partial(keys.dns_txt, key_type=key_type)
+        return verify_with_dnsfunc(message, index, dnsfunc)
+
     candidates = [key for key in keys if key.key_type == key_type]
     if not candidates:
         return f"no --public-key of type {key_type!r} given for a={algorithm}"
 
     reasons = []
     for key_number, key in enumerate(candidates, start=1):
-        logger, collector = create_dkimpy_logger()
-        verifier = dkim.DKIM(message, logger=logger)
-        try:
-            if verifier.verify(idx=index, dnsfunc=key.dns_txt):
-                return None
-            reason = "; ".join(collector.messages) or "signature (b=) does not match"
-        except dkim.DKIMException as error:
-            reason = str(error)
+        reason = verify_with_dnsfunc(message, index, key.dns_txt)
+        if reason is None:
+            return None
         if len(candidates) > 1:
             reason = f"key {key_number}: {reason}"
         reasons.append(reason)
     return "; ".join(reasons)
 
 
-def verify_message(label: str | int, message: bytes, keys: list[PublicKey]) -> dict:
+def verify_message(label: str | int, message: bytes, keys: KeySource) -> dict:
     """Verify every DKIM-Signature header of one message and return its report line."""
     report = {"file": label, "signatures": 0, "verified": [], "signers": [], "error": None}
     try:
@@ -211,13 +346,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog="Exit status: 0 if every message has signatures and all verify, "
         "1 otherwise, 2 for invalid arguments or input.",
     )
-    parser.add_argument(
+    key_source = parser.add_mutually_exclusive_group(required=True)
+    key_source.add_argument(
         "--public-key",
         action="append",
-        required=True,
         metavar="BASE64",
         help="p= value of a DKIM key record (RSA SubjectPublicKeyInfo or raw "
         "Ed25519 key, base64); repeat to try several keys",
+    )
+    key_source.add_argument(
+        "--dns",
+        type=parse_dns_server,
+        metavar="HOST:PORT",
+        help="DNS server to query for each signature's key record "
+        "(TXT at <s>._domainkey.<d>), instead of --public-key",
     )
     parser.add_argument(
         "--json-stdin",
@@ -236,7 +378,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
-        keys = [parse_public_key(text) for text in args.public_key]
+        keys: KeySource
+        if args.dns is not None:
+            keys = args.dns
+        else:
+            keys = [parse_public_key(text) for text in args.public_key]
         if args.json_stdin:
             messages = read_stdin_messages()
         else:

@@ -1,0 +1,375 @@
+//! The domain commands: `domain add`, `verify`, `rotate-key`, `dual-signing` and
+//! `diagnose`. Each does its DNS lookups first and then one short transaction, so no
+//! database transaction waits on DNS.
+
+use chrono::{DateTime, Utc};
+use rand::Rng as _;
+use uuid::Uuid;
+
+use crate::address::ascii_domain;
+use crate::cli::CliError;
+use crate::configuration::Settings;
+use crate::diagnose::{self, Finding, Severity};
+use crate::dkim::{self, Algorithm};
+use crate::dns::{self, TxtSource};
+use crate::domains::{self, Conclusion, DnsRecord, DomainStatus, KeyState, RecordCheck, RecordState};
+use crate::store::{self, StoredDomain};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AddedDomain {
+    pub domain: String,
+    pub selector: String,
+    pub records: Vec<DnsRecord>,
+    /// The DKIM public key (base64 SubjectPublicKeyInfo), as in the record's `p=` tag.
+    pub public_key: String,
+}
+
+fn parse_domain(domain: &str) -> Result<String, CliError> {
+    ascii_domain(domain).ok_or_else(|| CliError::Usage(format!("invalid --domain {domain}: write a host name like mail.example.com")))
+}
+
+/// A selector that is new for the domain: a prefix, the date and random hex, so that a
+/// rotation on the day of `domain add` does not collide.
+fn new_selector(prefix: &str) -> String {
+    format!("{prefix}{}{:04x}", Utc::now().format("%Y%m%d"), rand::thread_rng().gen::<u16>())
+}
+
+fn new_key(settings: &Settings, domain: &str, algorithm: Algorithm) -> Result<(dkim::GeneratedKey, Vec<u8>), CliError> {
+    let kek = settings.keys.encryption_key.clone().expect("required at load");
+    let key = dkim::generate_key(algorithm).map_err(|err| CliError::Runtime(err.into()))?;
+    let encrypted = dkim::encrypt_private_key(&kek, domain, &key.private_pkcs8);
+    Ok((key, encrypted))
+}
+
+/// Makes the domain's DKIM key and token, stores them (the key encrypted), and returns
+/// the records to publish.
+pub async fn add_domain(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid) -> Result<AddedDomain, CliError> {
+    let domain = parse_domain(domain)?;
+    let (key, encrypted) = new_key(settings, &domain, Algorithm::Rsa)?;
+    let selector = new_selector("ob");
+    let token = Uuid::new_v4().simple().to_string();
+    let pool = store::connect(&settings.database, store::Patience::Once).await?;
+    let new_key = store::NewKey { selector: &selector, algorithm: Algorithm::Rsa, encrypted_private_key: encrypted, public_key: &key.public_base64 };
+    store::add_domain(&pool, store::NewDomain { tenant_id: tenant, actor, domain: &domain, verification_token: &token, key: new_key }).await?;
+
+    let facts = domains::DomainFacts {
+        domain: domain.clone(),
+        verification_token: token,
+        keys: vec![domains::KeyFacts {
+            selector: selector.clone(),
+            algorithm: Algorithm::Rsa,
+            public_key: key.public_base64.clone(),
+            state: KeyState::Active,
+            retired_at: None,
+        }],
+    };
+    let records = domains::records_to_publish(&facts, &settings.domains.spf_include);
+    Ok(AddedDomain { domain, selector, records, public_key: key.public_base64 })
+}
+
+pub fn print_records(added: &AddedDomain) {
+    println!("Publish these DNS records for {} (selector {}):\n", added.domain, added.selector);
+    for record in &added.records {
+        let required = if record.required { "required" } else { "recommended" };
+        println!("{} {} ({required}: {})\n  {}\n", record.name, record.record_type, record.purpose, record.value);
+    }
+}
+
+/// A DKIM key in a report, with when its record may be deleted.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyReport {
+    pub selector: String,
+    pub record_name: String,
+    pub algorithm: Algorithm,
+    pub state: KeyState,
+    pub activated_at: Option<DateTime<Utc>>,
+    pub retired_at: Option<DateTime<Utc>>,
+    /// For retired keys: when the record may be deleted.
+    pub safe_to_remove_at: Option<DateTime<Utc>>,
+    pub safe_to_remove: bool,
+}
+
+fn key_reports(domain: &StoredDomain, overlap: std::time::Duration, now: DateTime<Utc>) -> Vec<KeyReport> {
+    let overlap = chrono::Duration::from_std(overlap).unwrap_or(chrono::Duration::MAX);
+    domain
+        .keys
+        .iter()
+        .map(|key| {
+            let safe_at = key.retired_at.map(|retired| domains::safe_to_remove_at(retired, overlap));
+            KeyReport {
+                selector: key.selector.clone(),
+                record_name: domains::dkim_record_name(&key.selector, &domain.domain),
+                algorithm: key.algorithm,
+                state: key.state,
+                activated_at: key.activated_at,
+                retired_at: key.retired_at,
+                safe_to_remove_at: safe_at,
+                safe_to_remove: safe_at.is_some_and(|at| now >= at),
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerifyReport {
+    pub domain: String,
+    /// True when every required record passes.
+    pub verified: bool,
+    pub status: &'static str,
+    pub records: Vec<RecordCheck>,
+    pub keys: Vec<KeyReport>,
+    /// Pending keys that started signing with this check.
+    pub keys_activated: Vec<String>,
+}
+
+async fn resolver(settings: &Settings) -> Result<dns::Resolver, CliError> {
+    dns::Resolver::new(&settings.dns).map_err(|err| CliError::Runtime(err.into()))
+}
+
+/// `domain verify`: looks the records up, stores the outcome, and returns the report. The
+/// domain becomes verified when every required record passes; pending keys whose records
+/// pass start signing either way.
+pub async fn verify(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid) -> Result<VerifyReport, CliError> {
+    let domain = parse_domain(domain)?;
+    let pool = store::connect(&settings.database, store::Patience::Once).await?;
+    store::check_owner(&pool, tenant, actor).await?;
+    let Some(stored) = store::find_domain(&pool, Some(tenant), &domain).await? else {
+        return Err(CliError::Usage(format!("domain {domain} is not registered for tenant {tenant}; add it first with `outbound domain add`")));
+    };
+
+    let dns = resolver(settings).await?;
+    let facts = stored.facts();
+    let checks = domains::check_records(&facts, &settings.domains.spf_include, &dns).await;
+    let conclusion = domains::conclude(&checks);
+    let keys_ready = domains::keys_ready(&checks, &facts);
+
+    let status = (conclusion == Conclusion::Pass).then_some(DomainStatus::Verified);
+    let outcome = store::CheckOutcome {
+        domain: &domain,
+        status,
+        checks: serde_json::to_value(&checks).unwrap_or_default(),
+        keys_ready: &keys_ready,
+    };
+    store::record_verification(&pool, tenant, actor, outcome).await?;
+
+    let after = store::find_domain(&pool, Some(tenant), &domain).await?.unwrap_or(stored);
+    Ok(VerifyReport {
+        domain,
+        verified: conclusion == Conclusion::Pass,
+        status: after.status.as_str(),
+        records: checks,
+        keys: key_reports(&after, settings.domains.key_overlap, Utc::now()),
+        keys_activated: keys_ready,
+    })
+}
+
+pub fn print_verify(report: &VerifyReport) {
+    println!("DNS records of {}:\n", report.domain);
+    for check in &report.records {
+        let required = if check.required { "required" } else { "recommended" };
+        println!("  [{}] {} {} ({required})", check.state.as_str(), check.name, check.record_type);
+        println!("      {}", check.explanation);
+    }
+    println!("\nDKIM keys:");
+    print_keys(&report.keys);
+    for selector in &report.keys_activated {
+        println!("\nThe key with selector {selector} signs from now on; the key it replaces stays published for the overlap.");
+    }
+    if report.verified {
+        println!("\ndomain {} is verified (status {}); outbound sending is enabled for it.", report.domain, report.status);
+    }
+}
+
+fn print_keys(keys: &[KeyReport]) {
+    for key in keys {
+        let note = match key.state {
+            KeyState::Active => "signs every message".to_string(),
+            KeyState::Pending => "waits for its DNS record; it signs once the record verifies".to_string(),
+            KeyState::Retired if key.safe_to_remove => "retired; safe to remove its DNS record now".to_string(),
+            KeyState::Retired => format!(
+                "retired; keep its DNS record until {} (messages signed with it may still be checked)",
+                key.safe_to_remove_at.map(|at| at.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default()
+            ),
+        };
+        println!("  {} ({}, {}): {note}", key.record_name, key.algorithm.as_str(), state_text(key.state));
+    }
+}
+
+fn state_text(state: KeyState) -> &'static str {
+    match state {
+        KeyState::Pending => "pending",
+        KeyState::Active => "active",
+        KeyState::Retired => "retired",
+    }
+}
+
+/// Why `domain verify` exits non-zero: the report was printed, and the domain is not
+/// verified.
+pub fn verify_failure(report: &VerifyReport) -> CliError {
+    let failing: Vec<&str> = report
+        .records
+        .iter()
+        .filter(|check| check.required && check.state != RecordState::Pass)
+        .map(|check| check.name.as_str())
+        .collect();
+    CliError::Runtime(anyhow::anyhow!(
+        "domain {} is not verified: {} required record(s) do not pass ({}); fix them as explained above and run `outbound domain verify` again",
+        report.domain,
+        failing.len(),
+        failing.join(", ")
+    ))
+}
+
+/// A key made by `rotate-key` or `dual-signing on`, with the record to publish.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NewKeyReport {
+    pub domain: String,
+    pub selector: String,
+    pub algorithm: Algorithm,
+    pub records: Vec<DnsRecord>,
+}
+
+/// Makes a pending key of `algorithm` under a new selector. It signs once its record
+/// verifies (through `domain verify` or the worker's revalidation).
+pub async fn add_key(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid, algorithm: Algorithm) -> Result<NewKeyReport, CliError> {
+    let domain = parse_domain(domain)?;
+    let pool = store::connect(&settings.database, store::Patience::Once).await?;
+    store::check_owner(&pool, tenant, actor).await?;
+    if store::find_domain(&pool, Some(tenant), &domain).await?.is_none() {
+        return Err(CliError::Usage(format!("domain {domain} is not registered for tenant {tenant}; add it first with `outbound domain add`")));
+    }
+    let (key, encrypted) = new_key(settings, &domain, algorithm)?;
+    let prefix = match algorithm {
+        Algorithm::Rsa => "ob",
+        Algorithm::Ed25519 => "ed",
+    };
+    let selector = new_selector(prefix);
+    let new_key = store::NewKey { selector: &selector, algorithm, encrypted_private_key: encrypted, public_key: &key.public_base64 };
+    store::add_pending_key(&pool, tenant, actor, &domain, new_key).await?;
+
+    let facts = domains::KeyFacts { selector: selector.clone(), algorithm, public_key: key.public_base64, state: KeyState::Pending, retired_at: None };
+    let record = DnsRecord {
+        name: domains::dkim_record_name(&selector, &domain),
+        record_type: "TXT".into(),
+        value: dkim::dkim_record_value(algorithm, &facts.public_key),
+        purpose: match algorithm {
+            Algorithm::Rsa => "new DKIM key (RSA): signing moves to it once this record verifies".into(),
+            Algorithm::Ed25519 => "DKIM key (Ed25519) for dual signing: it signs once this record verifies".into(),
+        },
+        required: true,
+    };
+    Ok(NewKeyReport { domain, selector, algorithm, records: vec![record] })
+}
+
+pub fn print_new_key(report: &NewKeyReport) {
+    println!("New {} key for {} (selector {}). Publish this record, then run `outbound domain verify`:\n", report.algorithm.as_str(), report.domain, report.selector);
+    for record in &report.records {
+        println!("{} {}\n  {}\n", record.name, record.record_type, record.value);
+    }
+}
+
+/// `dual-signing off`: stops the Ed25519 signature. Returns how many keys changed.
+pub async fn stop_dual_signing(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid) -> Result<u64, CliError> {
+    let domain = parse_domain(domain)?;
+    let pool = store::connect(&settings.database, store::Patience::Once).await?;
+    store::check_owner(&pool, tenant, actor).await?;
+    Ok(store::retire_keys(&pool, tenant, actor, &domain, Algorithm::Ed25519).await?)
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Diagnosis {
+    pub domain: String,
+    /// False when the domain is not a sending domain here: DKIM cannot be compared.
+    pub registered: bool,
+    pub findings: Vec<Finding>,
+}
+
+/// `domain diagnose`: what a receiver sees for SPF, DKIM and DMARC, and how to fix it.
+pub async fn diagnose(settings: &Settings, domain: &str) -> Result<Diagnosis, CliError> {
+    let domain = parse_domain(domain)?;
+    let pool = store::connect(&settings.database, store::Patience::Once).await?;
+    let stored = store::find_domain(&pool, None, &domain).await?;
+    let dns = resolver(settings).await?;
+
+    let mut findings = diagnose::check_spf(&domain, &settings.domains.spf_include, &dns).await;
+    findings.extend(dkim_findings(stored.as_ref(), settings, &dns).await);
+    findings.extend(diagnose::check_dmarc(&domain, &dns).await);
+    Ok(Diagnosis { domain, registered: stored.is_some(), findings })
+}
+
+async fn dkim_findings(stored: Option<&StoredDomain>, settings: &Settings, dns: &dyn TxtSource) -> Vec<Finding> {
+    let Some(stored) = stored else {
+        return vec![Finding {
+            record: "DKIM",
+            severity: Severity::Warning,
+            code: "dkim_domain_unknown",
+            finding: "The domain is not a sending domain of this service, so there is no key to compare its DKIM records with.".into(),
+            fix: Some("Add it with `outbound domain add` to get a key and the records to publish.".into()),
+        }];
+    };
+    let facts = stored.facts();
+    let checks = domains::check_records(&facts, &settings.domains.spf_include, dns).await;
+    let mut findings: Vec<Finding> = checks
+        .iter()
+        .filter(|check| check.purpose == "dkim")
+        .map(|check| {
+            let selector = check.selector.as_deref().unwrap_or_default();
+            let pending = facts.keys.iter().any(|key| key.selector == selector && key.state == KeyState::Pending);
+            dkim_finding(check, selector, pending)
+        })
+        .collect();
+    for key in key_reports(stored, settings.domains.key_overlap, Utc::now()).iter().filter(|key| key.state == KeyState::Retired) {
+        let (finding, fix) = if key.safe_to_remove {
+            (format!("Selector {} is retired and its overlap has passed.", key.selector), Some(format!("Delete the TXT record {}.", key.record_name)))
+        } else {
+            let until = key.safe_to_remove_at.map(|at| at.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default();
+            (format!("Selector {} is retired; receivers may still check messages signed with it until {until}.", key.selector), None)
+        };
+        findings.push(Finding { record: "DKIM", severity: Severity::Ok, code: "dkim_retired_key", finding, fix });
+    }
+    findings
+}
+
+fn dkim_finding(check: &RecordCheck, selector: &str, pending: bool) -> Finding {
+    let (severity, code, finding) = match (check.state, pending) {
+        (RecordState::Pass, false) => (Severity::Ok, "dkim_ok", format!("Selector {selector}: the record matches the key that signs; signatures verify.")),
+        (RecordState::Pass, true) => (
+            Severity::Ok,
+            "dkim_pending_ready",
+            format!("Selector {selector}: the new key's record is published; the next `outbound domain verify` moves signing to it."),
+        ),
+        (RecordState::Missing, false) => (
+            Severity::Error,
+            "dkim_missing",
+            format!("Selector {selector}: no DKIM record, so receivers fail every signature (dkim=permerror or fail) and DMARC can only pass through SPF."),
+        ),
+        (RecordState::WrongValue, false) => (
+            Severity::Error,
+            "dkim_mismatch",
+            format!("Selector {selector}: the published key is not the one this service signs with, so receivers fail every signature."),
+        ),
+        (RecordState::NotVisible, _) => (Severity::Warning, "dkim_unavailable", format!("Selector {selector}: the lookup got no answer, so its state is unknown.")),
+        (_, true) => (
+            Severity::Warning,
+            "dkim_pending_missing",
+            format!("Selector {selector}: a new key waits for its record; until it is published, signing stays with the current key."),
+        ),
+    };
+    let fix = (check.state != RecordState::Pass).then(|| check.explanation.clone());
+    Finding { record: "DKIM", severity, code, finding, fix }
+}
+
+pub fn print_diagnosis(diagnosis: &Diagnosis) {
+    println!("What receivers see for {}:\n", diagnosis.domain);
+    for finding in &diagnosis.findings {
+        let severity = match finding.severity {
+            Severity::Ok => "ok",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        };
+        println!("  [{severity}] {} {}: {}", finding.record, finding.code, finding.finding);
+        if let Some(fix) = &finding.fix {
+            println!("      fix: {fix}");
+        }
+    }
+}
