@@ -188,7 +188,7 @@ pub async fn check_records(facts: &DomainFacts, spf_include: &str, dns: &dyn Txt
         });
     }
 
-    let (state, explanation) = judge_spf(&spf, spf_include);
+    let (state, explanation) = evaluate_spf(domain, &spf, spf_include, dns).await;
     checks.push(RecordCheck { name: domain.clone(), record_type: "TXT".into(), purpose: "spf", required: true, state, explanation, selector: None });
 
     let (state, explanation) = judge_dmarc(&dmarc);
@@ -313,6 +313,28 @@ fn judge_spf(answer: &TxtAnswer, spf_include: &str) -> (RecordState, String) {
             format!("There are {} SPF records; receivers treat that as a permanent error (RFC 7208). Merge them into one record that includes {spf_include}.", spf.len()),
         ),
     }
+}
+
+/// Judges the SPF record as a receiver evaluates it: [`judge_spf`] reads the record itself,
+/// then the full evaluation follows its includes, so that an include reached through another
+/// one passes and a record over the 10-lookup limit fails.
+async fn evaluate_spf(domain: &str, answer: &TxtAnswer, spf_include: &str, dns: &dyn TxtSource) -> (RecordState, String) {
+    let (state, explanation) = judge_spf(answer, spf_include);
+    let one_record = matches!(answer, TxtAnswer::Records(records) if records.iter().filter(|record| is_spf(record)).count() == 1);
+    if !one_record {
+        return (state, explanation);
+    }
+
+    let findings = crate::diagnose::check_spf(domain, spf_include, dns).await;
+    if let Some(too_many) = findings.iter().find(|finding| finding.code == "spf_too_many_lookups") {
+        let fix = too_many.fix.as_deref().unwrap_or_default();
+        return (RecordState::WrongValue, format!("{} {fix}", too_many.finding));
+    }
+    let reached = findings.iter().any(|finding| finding.code == "spf_ok");
+    if state == RecordState::WrongValue && reached {
+        return (RecordState::Pass, format!("Found, and it reaches {spf_include} through one of its includes."));
+    }
+    (state, explanation)
 }
 
 fn judge_dmarc(answer: &TxtAnswer) -> (RecordState, String) {
@@ -494,6 +516,25 @@ mod tests {
             assert!(check.explanation.contains(phrase), "{name}: {}", check.explanation);
             assert_eq!(conclude(&checks), Conclusion::Fail, "{name}");
         }
+    }
+
+    #[tokio::test]
+    async fn spf_evaluation_follows_includes() {
+        let nested = complete_zone()
+            .with("shop.example", &["v=spf1 include:_spf.helpdesk.example -all"])
+            .with("_spf.helpdesk.example", &["v=spf1 include:_spf.outbound.example -all"]);
+        let checks = check_records(&facts(), "_spf.outbound.example", &nested).await;
+        assert_eq!(state_of(&checks, "spf"), RecordState::Pass, "reached through a nested include");
+
+        let includes: String = (0..10).map(|i| format!("include:i{i}.example ")).collect();
+        let mut over_limit = complete_zone().with("shop.example", &[&format!("v=spf1 {includes}include:_spf.outbound.example ~all")]);
+        for i in 0..10 {
+            over_limit = over_limit.with(&format!("i{i}.example"), &["v=spf1 ip4:192.0.2.1 -all"]);
+        }
+        let checks = check_records(&facts(), "_spf.outbound.example", &over_limit).await;
+        let spf = checks.iter().find(|check| check.purpose == "spf").expect("checked");
+        assert_eq!(spf.state, RecordState::WrongValue);
+        assert!(spf.explanation.contains("permerror"), "{}", spf.explanation);
     }
 
     #[tokio::test]
