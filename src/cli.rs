@@ -208,66 +208,62 @@ pub enum MemberCommand {
     },
 }
 
+/// The arguments of every owner's change to a domain.
+#[derive(Debug, Args)]
+pub struct DomainChange {
+    /// The tenant that owns the domain.
+    #[arg(long)]
+    pub tenant: Uuid,
+    /// The sending domain, for example mail.example.com.
+    #[arg(long)]
+    pub domain: String,
+    /// User id of the owner making the change.
+    #[arg(long)]
+    pub actor: Uuid,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum DomainCommand {
     /// Make the DKIM key and verification token; print the DNS records to publish (owner only).
-    Add {
-        #[arg(long)]
-        tenant: Uuid,
-        #[arg(long)]
-        domain: String,
-        #[arg(long)]
-        actor: Uuid,
-        #[arg(long)]
-        json: bool,
-    },
+    Add(DomainChange),
     /// Look the records up, print each one's state, and mark the domain verified when all
-    /// required ones pass (owner only). Exits 1 when the domain is not verified.
-    Verify {
-        #[arg(long)]
-        tenant: Uuid,
-        #[arg(long)]
-        domain: String,
-        #[arg(long)]
-        actor: Uuid,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Explain, record by record, what a receiver sees for SPF, DKIM and DMARC.
+    /// required ones pass (owner only). Exits 1 when a required record does not pass.
+    Verify(DomainChange),
+    /// Explain, record by record, what a receiver sees for SPF, DKIM and DMARC. A report:
+    /// exits 0 whatever it finds.
     Diagnose {
+        /// The sending domain, for example mail.example.com.
         #[arg(long)]
         domain: String,
+        /// Print one JSON document instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Make a new DKIM key under a new selector; it signs once its record verifies (owner only).
     RotateKey {
-        #[arg(long)]
-        tenant: Uuid,
-        #[arg(long)]
-        domain: String,
-        #[arg(long)]
-        actor: Uuid,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        change: DomainChange,
+        /// The key to replace: rsa, or ed25519 when dual signing is on.
+        #[arg(long, default_value = "rsa", value_parser = ["rsa", "ed25519"])]
+        algorithm: String,
     },
     /// Sign with an Ed25519 key (RFC 8463) beside the RSA one, or stop (owner only).
     DualSigning {
+        /// on: add an Ed25519 key that signs once its record verifies. off: retire it.
         #[arg(value_parser = ["on", "off"])]
         state: String,
-        #[arg(long)]
-        tenant: Uuid,
-        #[arg(long)]
-        domain: String,
-        #[arg(long)]
-        actor: Uuid,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        change: DomainChange,
     },
     /// Operator override: mark a domain verified without a DNS check; audited.
     MarkVerified {
+        /// The tenant that owns the domain.
         #[arg(long)]
         tenant: Uuid,
+        /// The sending domain, for example mail.example.com.
         #[arg(long)]
         domain: String,
         /// The reason for skipping the DNS check, stored in the audit log.
@@ -410,7 +406,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Domain(DomainCommand::Add { tenant, domain, actor, json }) => {
+        Command::Domain(DomainCommand::Add(DomainChange { tenant, domain, actor, json })) => {
             let settings = Settings::load(config, &[Requirement::KeyEncryptionKey])?;
             let added = add_domain(&settings, tenant, &domain, actor).await?;
             if json {
@@ -420,7 +416,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Domain(DomainCommand::Verify { tenant, domain, actor, json }) => {
+        Command::Domain(DomainCommand::Verify(DomainChange { tenant, domain, actor, json })) => {
             let settings = Settings::load(config, &[])?;
             let report = onboarding::verify(&settings, tenant, &domain, actor).await?;
             if json {
@@ -428,7 +424,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             } else {
                 onboarding::print_verify(&report);
             }
-            if report.verified {
+            if report.passed {
                 Ok(())
             } else {
                 Err(onboarding::verify_failure(&report))
@@ -444,26 +440,29 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Domain(DomainCommand::RotateKey { tenant, domain, actor, json }) => {
+        Command::Domain(DomainCommand::RotateKey { change: DomainChange { tenant, domain, actor, json }, algorithm }) => {
             let settings = Settings::load(config, &[Requirement::KeyEncryptionKey])?;
-            let report = onboarding::add_key(&settings, tenant, &domain, actor, crate::dkim::Algorithm::Rsa).await?;
+            let algorithm = crate::dkim::Algorithm::parse(&algorithm).expect("clap accepts rsa or ed25519 only");
+            if algorithm == crate::dkim::Algorithm::Ed25519 {
+                onboarding::check_dual_signing_on(&settings, tenant, &domain).await?;
+            }
+            let report = onboarding::add_key(&settings, tenant, &domain, actor, algorithm).await?;
             print_new_key(&report, json);
             Ok(())
         }
-        Command::Domain(DomainCommand::DualSigning { state, tenant, domain, actor, json }) => {
+        Command::Domain(DomainCommand::DualSigning { state, change: DomainChange { tenant, domain, actor, json } }) => {
             if state == "on" {
                 let settings = Settings::load(config, &[Requirement::KeyEncryptionKey])?;
+                onboarding::check_dual_signing_off(&settings, tenant, &domain).await?;
                 let report = onboarding::add_key(&settings, tenant, &domain, actor, crate::dkim::Algorithm::Ed25519).await?;
                 print_new_key(&report, json);
             } else {
                 let settings = Settings::load(config, &[])?;
                 let changed = onboarding::stop_dual_signing(&settings, tenant, &domain, actor).await?;
                 if json {
-                    println!("{}", serde_json::json!({"keys_retired": changed}));
-                } else if changed == 0 {
-                    println!("dual signing was not on for {domain}; nothing changed");
+                    println!("{}", serde_json::to_string_pretty(&changed).expect("keys serialize"));
                 } else {
-                    println!("dual signing is off for {domain}: messages carry the RSA signature only. The Ed25519 record may be deleted after the overlap.");
+                    print_dual_signing_off(&domain, &changed, settings.domains.key_overlap);
                 }
             }
             Ok(())
@@ -588,6 +587,23 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+fn print_dual_signing_off(domain: &str, changed: &store::RetiredKeys, overlap: std::time::Duration) {
+    if changed.discarded.is_empty() && changed.retired.is_empty() {
+        println!("dual signing was not on for {domain}; nothing changed");
+        return;
+    }
+    println!("dual signing is off for {domain}: messages carry the RSA signature only.");
+    for selector in &changed.retired {
+        println!(
+            "  selector {selector} is retired: keep its record for {} (domains.key_overlap), then delete it; `domain verify` says when.",
+            humantime::format_duration(overlap)
+        );
+    }
+    for selector in &changed.discarded {
+        println!("  selector {selector} never signed: delete its record now if you published it.");
+    }
+}
+
 fn print_new_key(report: &onboarding::NewKeyReport, json: bool) {
     if json {
         println!("{}", serde_json::to_string_pretty(report).expect("report serializes"));
@@ -643,7 +659,15 @@ fn print_settings(settings: &serde_json::Value) {
     }
     println!("domains");
     for domain in settings["domains"].as_array().into_iter().flatten() {
-        println!("  {} selector={} status={}", domain["domain"], domain["selector"], domain["status"]);
+        println!("  {} selector={} status={} verified_by={}", domain["domain"], domain["selector"], domain["status"], domain["verification_method"]);
+        if domain["status"] == "failing" {
+            let records: Vec<&str> = domain["failing_records"].as_array().into_iter().flatten().filter_map(|name| name.as_str()).collect();
+            println!(
+                "    failing since {} ({}); suspended when domains.grace_period has passed unless the records are fixed",
+                domain["failing_since"].as_str().unwrap_or("?"),
+                records.join(", ")
+            );
+        }
     }
     println!("restrictions       {}", settings["restrictions"].as_array().map(Vec::len).unwrap_or(0));
     println!("recent changes");

@@ -305,6 +305,13 @@ struct SpfWalk {
     include_loop: Option<Vec<String>>,
     /// Nested names whose TXT lookup failed, with the reason.
     unavailable: Vec<(String, String)>,
+    /// Names reached by include or redirect that have no SPF record, each with whether it
+    /// comes before the platform include in evaluation order. Receivers return permerror
+    /// when evaluation reaches such a name (RFC 7208 section 5.2).
+    void_names: Vec<(String, bool)>,
+    /// The lookup count once the platform include has been evaluated, in evaluation order.
+    /// Mail from the platform matches there, so terms after it are not evaluated for it.
+    platform_reached_after: Option<usize>,
     /// Nested names that are needed but not fetched yet.
     missing: BTreeSet<String>,
     /// Whether the walk stopped early at the depth or count limits, so `lookups` is a
@@ -346,8 +353,12 @@ impl SpfWalker<'_> {
                 TermKind::Redirect(target) => redirect = Some((term, target)),
                 TermKind::Include { qualifier, domain } => {
                     let passes = authorizes && *qualifier == Qualifier::Pass;
-                    self.walk.reaches_platform |= passes && domain == self.platform_include;
+                    let is_platform = passes && domain == self.platform_include;
+                    self.walk.reaches_platform |= is_platform;
                     self.count_term(term, |walker| walker.descend(domain, passes, false));
+                    if is_platform && self.walk.platform_reached_after.is_none() {
+                        self.walk.platform_reached_after = Some(self.walk.lookups);
+                    }
                 }
                 TermKind::Lookup | TermKind::Address | TermKind::Other => self.count_term(term, |_| {}),
             }
@@ -356,8 +367,12 @@ impl SpfWalker<'_> {
         // RFC 7208 applies `redirect` only after every mechanism fails to match, wherever it
         // appears in the record.
         if let Some((term, target)) = redirect {
-            self.walk.reaches_platform |= authorizes && target == self.platform_include;
+            let is_platform = authorizes && target == self.platform_include;
+            self.walk.reaches_platform |= is_platform;
             self.count_term(term, |walker| walker.descend(target, authorizes, top_level));
+            if is_platform && self.walk.platform_reached_after.is_none() {
+                self.walk.platform_reached_after = Some(self.walk.lookups);
+            }
         }
     }
 
@@ -408,7 +423,12 @@ impl SpfWalker<'_> {
                     self.walk.unavailable.push((target.to_string(), reason.clone()));
                 }
             }
-            Some(NestedRecord::NoSpf) => {}
+            Some(NestedRecord::NoSpf) => {
+                if !self.walk.void_names.iter().any(|(name, _)| name == target) {
+                    let before_platform = self.walk.platform_reached_after.is_none();
+                    self.walk.void_names.push((target.to_string(), before_platform));
+                }
+            }
             Some(NestedRecord::Spf(terms)) => {
                 self.path.push(target.to_string());
                 self.walk_record(target, terms, authorizes, top_level);
@@ -480,7 +500,11 @@ fn spf_findings(domain: &str, terms: &[SpfTerm], platform_include: &str, walk: &
     if let Some(chain) = &walk.include_loop {
         findings.push(spf_include_loop(domain, chain));
     } else if walk.lookups > MAX_SPF_LOOKUPS {
-        findings.push(spf_too_many_lookups(domain, walk));
+        findings.push(spf_too_many_lookups(domain, platform_include, walk));
+    }
+    for (name, before_platform) in &walk.void_names {
+        let platform_passes = walk.reaches_platform && !before_platform;
+        findings.push(spf_include_void(domain, name, platform_include, platform_passes));
     }
     if let Some((name, term)) = &walk.pass_all_at {
         findings.push(spf_all_pass(domain, name, term));
@@ -544,16 +568,32 @@ fn spf_include_missing(domain: &str, terms: &[SpfTerm], platform_include: &str, 
     )
 }
 
-fn spf_too_many_lookups(domain: &str, walk: &SpfWalk) -> Finding {
+/// Whether mail from the platform still passes: evaluation stops at the first match, so it
+/// passes when the platform include is reached within the lookup limit.
+fn platform_within_limit(walk: &SpfWalk) -> Option<usize> {
+    walk.platform_reached_after.filter(|lookups| *lookups <= MAX_SPF_LOOKUPS)
+}
+
+fn spf_too_many_lookups(domain: &str, platform_include: &str, walk: &SpfWalk) -> Finding {
     let at_least = if walk.truncated { "at least " } else { "" };
     let by_term: Vec<String> = walk.lookups_by_term.iter().map(|(term, count)| format!("{term} {count}")).collect();
+    let (severity, consequence) = match platform_within_limit(walk) {
+        Some(reached) => (
+            Severity::Warning,
+            format!(
+                "Mail from this service still passes, because evaluation reaches include:{platform_include} after {reached} \
+                 lookups and stops at the match, but mail from senders listed after it gets permerror."
+            ),
+        ),
+        None => (Severity::Error, "Receivers return permerror, so SPF fails.".to_string()),
+    };
     Finding::new(
         "SPF",
-        Severity::Error,
+        severity,
         "spf_too_many_lookups",
         format!(
             "Evaluating the SPF record at {domain} needs {at_least}{} DNS lookups ({}), more than the {MAX_SPF_LOOKUPS} that \
-             RFC 7208 section 4.6.4 allows, so receivers return permerror and SPF fails.",
+             RFC 7208 section 4.6.4 allows. {consequence}",
             walk.lookups,
             by_term.join(", ")
         ),
@@ -561,6 +601,32 @@ fn spf_too_many_lookups(domain: &str, walk: &SpfWalk) -> Finding {
             "Remove the includes of services that no longer send mail for {domain}, or replace an include with the ip4: and \
              ip6: ranges it lists, until at most {MAX_SPF_LOOKUPS} lookups remain."
         )),
+    )
+}
+
+fn spf_include_void(domain: &str, name: &str, platform_include: &str, platform_passes: bool) -> Finding {
+    let (severity, consequence) = if platform_passes {
+        (Severity::Warning, format!("Mail from this service still passes, because include:{platform_include} comes first and matches."))
+    } else {
+        (Severity::Error, "Mail from this service fails SPF.".to_string())
+    };
+    let fix = if name == platform_include {
+        format!(
+            "The platform's own include {platform_include} has no SPF record. This is for the platform's operator: publish it, \
+             or set domains.spf_include to the name that has it."
+        )
+    } else {
+        format!("Remove {name} from the SPF record at {domain}, or correct the name if it is a typo.")
+    };
+    Finding::new(
+        "SPF",
+        severity,
+        "spf_include_void",
+        format!(
+            "The SPF record at {domain} refers to {name}, which has no SPF record, so receivers that reach it return \
+             permerror (RFC 7208 section 5.2). {consequence}"
+        ),
+        Some(fix),
     )
 }
 
@@ -925,6 +991,11 @@ mod tests {
     const PLATFORM: &str = "_spf.outbound.example";
     const DOMAIN: &str = "mail.tenant.example";
 
+    /// A zone with the platform's include published, as in production.
+    fn zone() -> FixedTxt {
+        FixedTxt::default().with(PLATFORM, &["v=spf1 ip4:198.51.100.0/24 -all"])
+    }
+
     fn codes(findings: &[Finding]) -> Vec<&'static str> {
         findings.iter().map(|finding| finding.code).collect()
     }
@@ -1001,7 +1072,7 @@ mod tests {
 
     #[tokio::test]
     async fn spf_missing_without_record() {
-        let dns = FixedTxt::default().with(DOMAIN, &["google-site-verification=abc"]);
+        let dns = zone().with(DOMAIN, &["google-site-verification=abc"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         assert_eq!(codes(&findings), vec!["spf_missing"]);
         assert_eq!(findings[0].severity, Severity::Error);
@@ -1010,7 +1081,7 @@ mod tests {
 
     #[tokio::test]
     async fn spf_multiple_records_merged() {
-        let dns = FixedTxt::default().with(DOMAIN, &["v=spf1 include:_spf.google.com ~all", "v=spf1 mx include:_spf.google.com -all"]);
+        let dns = zone().with(DOMAIN, &["v=spf1 include:_spf.google.com ~all", "v=spf1 mx include:_spf.google.com -all"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         assert_eq!(codes(&findings), vec!["spf_multiple"]);
         assert_eq!(findings[0].severity, Severity::Error);
@@ -1020,7 +1091,7 @@ mod tests {
 
     #[tokio::test]
     async fn spf_include_missing_softfail() {
-        let dns = FixedTxt::default().with(DOMAIN, &["v=spf1 ip4:192.0.2.0/24 ~all"]);
+        let dns = zone().with(DOMAIN, &["v=spf1 ip4:192.0.2.0/24 ~all"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         assert_eq!(codes(&findings), vec!["spf_include_missing"]);
         let finding = only(&findings, "spf_include_missing");
@@ -1031,7 +1102,7 @@ mod tests {
 
     #[tokio::test]
     async fn spf_include_missing_fail_and_neutral() {
-        let dns = FixedTxt::default().with(DOMAIN, &["v=spf1 mx -all"]).with("other.tenant.example", &["v=spf1 mx"]);
+        let dns = zone().with(DOMAIN, &["v=spf1 mx -all"]).with("other.tenant.example", &["v=spf1 mx"]);
         let fail = check_spf(DOMAIN, PLATFORM, &dns).await;
         assert!(only(&fail, "spf_include_missing").finding.contains("`-all` term: fail"), "{fail:#?}");
 
@@ -1041,7 +1112,7 @@ mod tests {
 
     #[tokio::test]
     async fn spf_include_after_all_is_missing() {
-        let dns = FixedTxt::default().with(DOMAIN, &["v=spf1 -all include:_spf.outbound.example"]);
+        let dns = zone().with(DOMAIN, &["v=spf1 -all include:_spf.outbound.example"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         let finding = only(&findings, "spf_include_missing");
         assert_eq!(finding.severity, Severity::Error);
@@ -1050,14 +1121,14 @@ mod tests {
 
     #[tokio::test]
     async fn spf_include_with_fail_qualifier_is_missing() {
-        let dns = FixedTxt::default().with(DOMAIN, &["v=spf1 -include:_spf.outbound.example ~all"]);
+        let dns = zone().with(DOMAIN, &["v=spf1 -include:_spf.outbound.example ~all"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         assert_eq!(codes(&findings), vec!["spf_include_missing"]);
     }
 
     #[tokio::test]
     async fn spf_nested_include_reaches_platform() {
-        let dns = FixedTxt::default()
+        let dns = zone()
             .with(DOMAIN, &["v=spf1 include:spf.tenant.example -all"])
             .with("spf.tenant.example", &["v=spf1 ip4:192.0.2.0/24 include:_SPF.outbound.example. ~all"])
             .with(PLATFORM, &["v=spf1 ip4:198.51.100.0/24 -all"]);
@@ -1069,7 +1140,7 @@ mod tests {
 
     #[tokio::test]
     async fn spf_redirect_reaches_platform() {
-        let dns = FixedTxt::default().with(DOMAIN, &["v=spf1 redirect=_spf.outbound.example"]);
+        let dns = zone().with(DOMAIN, &["v=spf1 redirect=_spf.outbound.example"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         assert_eq!(codes(&findings), vec!["spf_ok"]);
         assert!(findings[0].finding.contains("needs 1 of the 10"), "{findings:#?}");
@@ -1077,24 +1148,56 @@ mod tests {
 
     #[tokio::test]
     async fn spf_redirect_ignored_after_all() {
-        let dns = FixedTxt::default().with(DOMAIN, &["v=spf1 redirect=_spf.outbound.example ~all"]);
+        let dns = zone().with(DOMAIN, &["v=spf1 redirect=_spf.outbound.example ~all"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         assert_eq!(codes(&findings), vec!["spf_include_missing"]);
     }
 
     #[tokio::test]
-    async fn spf_platform_without_record_counts_one() {
+    async fn spf_platform_without_record_is_void() {
         let dns = FixedTxt::default().with(DOMAIN, &["v=spf1 a mx include:_spf.outbound.example ~all"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
-        assert_eq!(codes(&findings), vec!["spf_ok"]);
-        assert!(findings[0].finding.contains("needs 3 of the 10"), "{findings:#?}");
+        assert_eq!(codes(&findings), vec!["spf_include_void"]);
+        assert_eq!(findings[0].severity, Severity::Error);
+        assert!(fix_of(&findings[0]).contains("domains.spf_include"), "{findings:#?}");
+    }
+
+    #[tokio::test]
+    async fn spf_void_include_before_platform_fails() {
+        let dns = zone().with(DOMAIN, &["v=spf1 include:typo.tenant.example include:_spf.outbound.example -all"]);
+        let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
+        let void = only(&findings, "spf_include_void");
+        assert_eq!(void.severity, Severity::Error);
+        assert!(void.finding.contains("typo.tenant.example"), "{void:#?}");
+        assert!(!codes(&findings).contains(&"spf_ok"), "{findings:#?}");
+    }
+
+    #[tokio::test]
+    async fn spf_void_include_after_platform_warns() {
+        let dns = zone().with(DOMAIN, &["v=spf1 include:_spf.outbound.example include:typo.tenant.example -all"]);
+        let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
+        assert_eq!(only(&findings, "spf_include_void").severity, Severity::Warning);
+        assert_eq!(only(&findings, "spf_ok").severity, Severity::Ok);
+    }
+
+    #[tokio::test]
+    async fn spf_too_many_lookups_after_platform_warns() {
+        let includes: String = (0..11).map(|index| format!(" include:chain{index}.tenant.example")).collect();
+        let mut dns = zone().with(DOMAIN, &[&format!("v=spf1 include:_spf.outbound.example{includes} -all")]);
+        for index in 0..11 {
+            dns = dns.with(&format!("chain{index}.tenant.example"), &["v=spf1 ip4:192.0.2.1 -all"]);
+        }
+        let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
+        let too_many = only(&findings, "spf_too_many_lookups");
+        assert_eq!(too_many.severity, Severity::Warning);
+        assert!(too_many.finding.contains("after 1 lookups"), "{too_many:#?}");
     }
 
     #[tokio::test]
     async fn spf_split_record_joined() {
         // Two character-strings of one TXT record, which the resolver joins without a space.
         let joined = concat!("v=spf1 ip4:192.0.2.0/24 include:_spf.out", "bound.example ~all");
-        let dns = FixedTxt::default().with(DOMAIN, &[joined]);
+        let dns = zone().with(DOMAIN, &[joined]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         assert_eq!(codes(&findings), vec!["spf_ok"]);
         assert!(findings[0].finding.contains("needs 1 of the 10"), "{findings:#?}");
@@ -1102,8 +1205,8 @@ mod tests {
 
     #[tokio::test]
     async fn spf_include_chain_of_eleven() {
-        let dns = include_chain(FixedTxt::default(), 10)
-            .with(DOMAIN, &["v=spf1 include:_spf.outbound.example include:chain0.tenant.example ~all"]);
+        let dns = include_chain(zone(), 10)
+            .with(DOMAIN, &["v=spf1 include:chain0.tenant.example include:_spf.outbound.example ~all"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         assert_eq!(codes(&findings), vec!["spf_too_many_lookups"]);
         let finding = only(&findings, "spf_too_many_lookups");
@@ -1115,7 +1218,7 @@ mod tests {
 
     #[tokio::test]
     async fn spf_include_chain_of_ten_ok() {
-        let dns = include_chain(FixedTxt::default(), 9)
+        let dns = include_chain(zone(), 9)
             .with(DOMAIN, &["v=spf1 include:_spf.outbound.example include:chain0.tenant.example ~all"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         assert_eq!(codes(&findings), vec!["spf_ok"]);
@@ -1124,7 +1227,7 @@ mod tests {
 
     #[tokio::test]
     async fn spf_deep_chain_stops() {
-        let dns = include_chain(FixedTxt::default(), 60)
+        let dns = include_chain(zone(), 60)
             .with(DOMAIN, &["v=spf1 include:_spf.outbound.example include:chain0.tenant.example ~all"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         let finding = only(&findings, "spf_too_many_lookups");
@@ -1133,7 +1236,7 @@ mod tests {
 
     #[tokio::test]
     async fn spf_include_loop_terminates() {
-        let dns = FixedTxt::default()
+        let dns = zone()
             .with(DOMAIN, &["v=spf1 include:_spf.outbound.example include:a.tenant.example ~all"])
             .with("a.tenant.example", &["v=spf1 include:b.tenant.example ~all"])
             .with("b.tenant.example", &["v=spf1 include:a.tenant.example ~all"]);
@@ -1147,14 +1250,14 @@ mod tests {
 
     #[tokio::test]
     async fn spf_self_include_terminates() {
-        let dns = FixedTxt::default().with(DOMAIN, &["v=spf1 include:mail.tenant.example ~all"]);
+        let dns = zone().with(DOMAIN, &["v=spf1 include:mail.tenant.example ~all"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         assert_eq!(codes(&findings), vec!["spf_include_missing", "spf_too_many_lookups"]);
     }
 
     #[tokio::test]
     async fn spf_errors_listed_together() {
-        let dns = include_chain(FixedTxt::default(), 11).with(DOMAIN, &["v=spf1 include:chain0.tenant.example +all"]);
+        let dns = include_chain(zone(), 11).with(DOMAIN, &["v=spf1 include:chain0.tenant.example +all"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         assert_eq!(codes(&findings), vec!["spf_include_missing", "spf_too_many_lookups", "spf_all_pass"]);
         assert_eq!(findings[0].severity, Severity::Error);
@@ -1164,7 +1267,7 @@ mod tests {
 
     #[tokio::test]
     async fn spf_all_pass_warning() {
-        let dns = FixedTxt::default().with(DOMAIN, &["v=spf1 include:_spf.outbound.example all"]);
+        let dns = zone().with(DOMAIN, &["v=spf1 include:_spf.outbound.example all"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         assert_eq!(codes(&findings), vec!["spf_all_pass", "spf_ok"]);
         let finding = only(&findings, "spf_all_pass");
@@ -1175,7 +1278,7 @@ mod tests {
 
     #[tokio::test]
     async fn spf_all_pass_in_include() {
-        let dns = FixedTxt::default()
+        let dns = zone()
             .with(DOMAIN, &["v=spf1 include:_spf.outbound.example include:lax.example -all"])
             .with("lax.example", &["v=spf1 +all"]);
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
@@ -1185,7 +1288,7 @@ mod tests {
 
     #[tokio::test]
     async fn spf_unavailable_at_domain() {
-        let dns = with_answer(FixedTxt::default(), DOMAIN, TxtAnswer::Unavailable("SERVFAIL".to_string()));
+        let dns = with_answer(zone(), DOMAIN, TxtAnswer::Unavailable("SERVFAIL".to_string()));
         let findings = check_spf(DOMAIN, PLATFORM, &dns).await;
         assert_eq!(codes(&findings), vec!["spf_unavailable"]);
         assert_eq!(findings[0].severity, Severity::Warning);
@@ -1195,7 +1298,7 @@ mod tests {
     #[tokio::test]
     async fn spf_unavailable_nested_include() {
         let dns = with_answer(
-            FixedTxt::default().with(DOMAIN, &["v=spf1 include:slow.example ~all"]),
+            zone().with(DOMAIN, &["v=spf1 include:slow.example ~all"]),
             "slow.example",
             TxtAnswer::Unavailable("timed out".to_string()),
         );
@@ -1232,7 +1335,7 @@ mod tests {
 
     #[tokio::test]
     async fn dmarc_missing_without_record() {
-        let dns = FixedTxt::default().with("_dmarc.mail.tenant.example", &["some-verification=1"]);
+        let dns = zone().with("_dmarc.mail.tenant.example", &["some-verification=1"]);
         let findings = check_dmarc(DOMAIN, &dns).await;
         assert_eq!(codes(&findings), vec!["dmarc_missing"]);
         assert_eq!(findings[0].severity, Severity::Warning);
@@ -1242,7 +1345,7 @@ mod tests {
 
     #[tokio::test]
     async fn dmarc_two_labels_skip_organizational() {
-        let dns = FixedTxt::default();
+        let dns = zone();
         let findings = check_dmarc("tenant.example", &dns).await;
         assert_eq!(codes(&findings), vec!["dmarc_missing"]);
         assert!(findings[0].finding.starts_with("_dmarc.tenant.example has no DMARC record"), "{findings:#?}");
@@ -1250,7 +1353,7 @@ mod tests {
 
     #[tokio::test]
     async fn dmarc_multiple_records() {
-        let dns = FixedTxt::default().with("_dmarc.mail.tenant.example", &["v=DMARC1; p=none", "v=DMARC1; p=reject"]);
+        let dns = zone().with("_dmarc.mail.tenant.example", &["v=DMARC1; p=none", "v=DMARC1; p=reject"]);
         let findings = check_dmarc(DOMAIN, &dns).await;
         assert_eq!(codes(&findings), vec!["dmarc_multiple"]);
         assert_eq!(findings[0].severity, Severity::Error);
@@ -1259,7 +1362,7 @@ mod tests {
 
     #[tokio::test]
     async fn dmarc_invalid_policy() {
-        let dns = FixedTxt::default().with("_dmarc.mail.tenant.example", &["v=DMARC1; p=block; rua=mailto:d@tenant.example"]);
+        let dns = zone().with("_dmarc.mail.tenant.example", &["v=DMARC1; p=block; rua=mailto:d@tenant.example"]);
         let findings = check_dmarc(DOMAIN, &dns).await;
         assert_eq!(codes(&findings), vec!["dmarc_invalid"]);
         assert_eq!(findings[0].severity, Severity::Error);
@@ -1269,7 +1372,7 @@ mod tests {
 
     #[tokio::test]
     async fn dmarc_invalid_without_policy() {
-        let dns = FixedTxt::default().with("_dmarc.mail.tenant.example", &["v=DMARC1; rua=mailto:d@tenant.example"]);
+        let dns = zone().with("_dmarc.mail.tenant.example", &["v=DMARC1; rua=mailto:d@tenant.example"]);
         let findings = check_dmarc(DOMAIN, &dns).await;
         assert_eq!(codes(&findings), vec!["dmarc_invalid"]);
         assert!(findings[0].finding.contains("has no p= tag"), "{findings:#?}");
@@ -1277,7 +1380,7 @@ mod tests {
 
     #[tokio::test]
     async fn dmarc_invalid_tag_list() {
-        let dns = FixedTxt::default().with("_dmarc.mail.tenant.example", &["v=DMARC1; p=reject; quarantine"]);
+        let dns = zone().with("_dmarc.mail.tenant.example", &["v=DMARC1; p=reject; quarantine"]);
         let findings = check_dmarc(DOMAIN, &dns).await;
         assert_eq!(codes(&findings), vec!["dmarc_invalid"]);
         assert_eq!(findings[0].severity, Severity::Error);
@@ -1286,7 +1389,7 @@ mod tests {
 
     #[tokio::test]
     async fn dmarc_invalid_inherited_sp() {
-        let dns = FixedTxt::default().with("_dmarc.tenant.example", &["v=DMARC1; p=reject; sp=quarantin"]);
+        let dns = zone().with("_dmarc.tenant.example", &["v=DMARC1; p=reject; sp=quarantin"]);
         let findings = check_dmarc(DOMAIN, &dns).await;
         assert_eq!(codes(&findings), vec!["dmarc_invalid"]);
         assert!(findings[0].finding.contains("has sp=quarantin"), "{findings:#?}");
@@ -1298,7 +1401,7 @@ mod tests {
 
     #[tokio::test]
     async fn dmarc_own_record_ignores_sp() {
-        let dns = FixedTxt::default().with("_dmarc.mail.tenant.example", &["v=DMARC1; p=reject; sp=quarantin"]);
+        let dns = zone().with("_dmarc.mail.tenant.example", &["v=DMARC1; p=reject; sp=quarantin"]);
         let findings = check_dmarc(DOMAIN, &dns).await;
         assert_eq!(codes(&findings), vec!["dmarc_aligned"]);
         assert!(findings[0].finding.contains("is p=reject"), "{findings:#?}");
@@ -1306,7 +1409,7 @@ mod tests {
 
     #[tokio::test]
     async fn dmarc_policy_none_warning() {
-        let dns = FixedTxt::default().with("_dmarc.mail.tenant.example", &["v=DMARC1; p=none"]);
+        let dns = zone().with("_dmarc.mail.tenant.example", &["v=DMARC1; p=none"]);
         let findings = check_dmarc(DOMAIN, &dns).await;
         assert_eq!(codes(&findings), vec!["dmarc_policy_none", "dmarc_aligned"]);
         let finding = only(&findings, "dmarc_policy_none");
@@ -1317,7 +1420,7 @@ mod tests {
 
     #[tokio::test]
     async fn dmarc_aligned_strict() {
-        let dns = FixedTxt::default().with("_dmarc.mail.tenant.example", &["v=DMARC1; p=reject; adkim=s; rua=mailto:d@tenant.example"]);
+        let dns = zone().with("_dmarc.mail.tenant.example", &["v=DMARC1; p=reject; adkim=s; rua=mailto:d@tenant.example"]);
         let findings = check_dmarc(DOMAIN, &dns).await;
         assert_eq!(codes(&findings), vec!["dmarc_aligned"]);
         let finding = only(&findings, "dmarc_aligned");
@@ -1329,7 +1432,7 @@ mod tests {
 
     #[tokio::test]
     async fn dmarc_inherited_uses_sp() {
-        let dns = FixedTxt::default().with("_dmarc.tenant.example", &["v=DMARC1; p=reject; sp=none; rua=mailto:d@tenant.example"]);
+        let dns = zone().with("_dmarc.tenant.example", &["v=DMARC1; p=reject; sp=none; rua=mailto:d@tenant.example"]);
         let findings = check_dmarc(DOMAIN, &dns).await;
         assert_eq!(codes(&findings), vec!["dmarc_policy_none", "dmarc_aligned"]);
         let aligned = only(&findings, "dmarc_aligned");
@@ -1341,7 +1444,7 @@ mod tests {
 
     #[tokio::test]
     async fn dmarc_inherited_falls_back_to_p() {
-        let dns = FixedTxt::default().with("_dmarc.tenant.example", &["v=DMARC1; p=quarantine"]);
+        let dns = zone().with("_dmarc.tenant.example", &["v=DMARC1; p=quarantine"]);
         let findings = check_dmarc(DOMAIN, &dns).await;
         assert_eq!(codes(&findings), vec!["dmarc_aligned"]);
         assert!(findings[0].finding.contains("p=quarantine, inherited from the organizational domain tenant.example"), "{findings:#?}");
@@ -1349,7 +1452,7 @@ mod tests {
 
     #[tokio::test]
     async fn dmarc_unavailable_at_domain() {
-        let dns = with_answer(FixedTxt::default(), "_dmarc.mail.tenant.example", TxtAnswer::Unavailable("REFUSED".to_string()));
+        let dns = with_answer(zone(), "_dmarc.mail.tenant.example", TxtAnswer::Unavailable("REFUSED".to_string()));
         let findings = check_dmarc(DOMAIN, &dns).await;
         assert_eq!(codes(&findings), vec!["dmarc_unavailable"]);
         assert_eq!(findings[0].severity, Severity::Warning);
@@ -1358,7 +1461,7 @@ mod tests {
 
     #[tokio::test]
     async fn dmarc_unavailable_at_organizational() {
-        let dns = with_answer(FixedTxt::default(), "_dmarc.tenant.example", TxtAnswer::Unavailable("timed out".to_string()));
+        let dns = with_answer(zone(), "_dmarc.tenant.example", TxtAnswer::Unavailable("timed out".to_string()));
         let findings = check_dmarc(DOMAIN, &dns).await;
         assert_eq!(codes(&findings), vec!["dmarc_unavailable"]);
         assert!(findings[0].finding.contains("_dmarc.tenant.example"), "{findings:#?}");

@@ -201,14 +201,19 @@ fn absent(answer: &TxtAnswer, what: &str, publish: &str) -> Option<(RecordState,
         TxtAnswer::Records(_) => None,
         TxtAnswer::NoRecords { negative_ttl } => {
             let wait = match negative_ttl {
-                Some(seconds) => format!(" If you published it in the last {seconds} seconds, resolvers may still return the old answer; check again after that."),
+                Some(seconds) => format!(
+                    " If you published it in the last {seconds} {}, resolvers may still return the old answer, so check again after that.",
+                    if *seconds == 1 { "second" } else { "seconds" }
+                ),
                 None => String::new(),
             };
             Some((RecordState::Missing, format!("No {what} record at this name. Publish {publish}.{wait}")))
         }
         TxtAnswer::Unavailable(error) => Some((
             RecordState::NotVisible,
-            format!("The lookup got no answer ({error}), so the record's state is unknown. It may not be visible yet, or the domain's name servers are not answering; check again later."),
+            format!(
+                "The lookup failed ({error}), so the record's state is unknown. The domain's name servers or the resolvers did not answer; nothing was changed, so check again later."
+            ),
         )),
     }
 }
@@ -239,6 +244,7 @@ fn judge_dkim(answer: &TxtAnswer, key: &KeyFacts) -> (RecordState, String) {
     let mut problem = None;
     for record in records {
         match dkim_record_matches(record, key) {
+            Ok(()) if key.state == KeyState::Pending => return (RecordState::Pass, "Found, and the public key matches the new key.".into()),
             Ok(()) => return (RecordState::Pass, "Found, and the public key matches the key this service signs with.".into()),
             Err(why) => problem = Some(why),
         }
@@ -317,7 +323,8 @@ fn judge_spf(answer: &TxtAnswer, spf_include: &str) -> (RecordState, String) {
 
 /// Judges the SPF record as a receiver evaluates it: [`judge_spf`] reads the record itself,
 /// then the full evaluation follows its includes, so that an include reached through another
-/// one passes and a record over the 10-lookup limit fails.
+/// one passes, and a record over the 10-lookup limit or with an include of a name without SPF
+/// fails when that breaks the platform's mail.
 async fn evaluate_spf(domain: &str, answer: &TxtAnswer, spf_include: &str, dns: &dyn TxtSource) -> (RecordState, String) {
     let (state, explanation) = judge_spf(answer, spf_include);
     let one_record = matches!(answer, TxtAnswer::Records(records) if records.iter().filter(|record| is_spf(record)).count() == 1);
@@ -326,15 +333,21 @@ async fn evaluate_spf(domain: &str, answer: &TxtAnswer, spf_include: &str, dns: 
     }
 
     let findings = crate::diagnose::check_spf(domain, spf_include, dns).await;
-    if let Some(too_many) = findings.iter().find(|finding| finding.code == "spf_too_many_lookups") {
-        let fix = too_many.fix.as_deref().unwrap_or_default();
-        return (RecordState::WrongValue, format!("{} {fix}", too_many.finding));
-    }
     let reached = findings.iter().any(|finding| finding.code == "spf_ok");
-    if state == RecordState::WrongValue && reached {
-        return (RecordState::Pass, format!("Found, and it reaches {spf_include} through one of its includes."));
+    let breaks_platform_mail = |finding: &&crate::diagnose::Finding| {
+        matches!(finding.code, "spf_too_many_lookups" | "spf_include_void") && finding.severity == crate::diagnose::Severity::Error
+    };
+    let problem = findings.iter().find(breaks_platform_mail);
+
+    match (state, problem) {
+        // The record names the include: only a broken evaluation can still fail it.
+        (RecordState::Pass, Some(problem)) => {
+            let fix = problem.fix.as_deref().unwrap_or_default();
+            (RecordState::WrongValue, format!("{} {fix}", problem.finding))
+        }
+        (RecordState::WrongValue, None) if reached => (RecordState::Pass, format!("Found, and it reaches {spf_include} through one of its includes.")),
+        _ => (state, explanation),
     }
-    (state, explanation)
 }
 
 fn judge_dmarc(answer: &TxtAnswer) -> (RecordState, String) {
@@ -486,6 +499,7 @@ mod tests {
             .with("_outbound-verification.shop.example", &["outbound-verification=abc123"])
             .with("s1._domainkey.shop.example", &["v=DKIM1; k=rsa; p=MIIBIjANBgkqh"])
             .with("shop.example", &["google-site-verification=x", "v=spf1 include:_spf.outbound.example ~all"])
+            .with("_spf.outbound.example", &["v=spf1 ip4:198.51.100.0/24 -all"])
     }
 
     fn state_of(checks: &[RecordCheck], purpose: &str) -> RecordState {

@@ -114,7 +114,10 @@ fn key_reports(domain: &StoredDomain, overlap: std::time::Duration, now: DateTim
 pub struct VerifyReport {
     pub domain: String,
     /// True when every required record passes.
-    pub verified: bool,
+    pub passed: bool,
+    /// True when a required record could not be looked up and none failed.
+    pub inconclusive: bool,
+    /// The domain's status after the check.
     pub status: &'static str,
     pub records: Vec<RecordCheck>,
     pub keys: Vec<KeyReport>,
@@ -153,9 +156,16 @@ pub async fn verify(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid
     store::record_verification(&pool, tenant, actor, outcome).await?;
 
     let after = store::find_domain(&pool, Some(tenant), &domain).await?.unwrap_or(stored);
+    // A key activated by this check is now the required one, and the key it replaced not.
+    let mut checks = checks;
+    for check in checks.iter_mut().filter(|check| check.selector.is_some()) {
+        let key = after.keys.iter().find(|key| Some(&key.selector) == check.selector.as_ref());
+        check.required = key.is_some_and(|key| key.state == KeyState::Active);
+    }
     Ok(VerifyReport {
         domain,
-        verified: conclusion == Conclusion::Pass,
+        passed: conclusion == Conclusion::Pass,
+        inconclusive: conclusion == Conclusion::Inconclusive,
         status: after.status.as_str(),
         records: checks,
         keys: key_reports(&after, settings.domains.key_overlap, Utc::now()),
@@ -173,17 +183,17 @@ pub fn print_verify(report: &VerifyReport) {
     println!("\nDKIM keys:");
     print_keys(&report.keys);
     for selector in &report.keys_activated {
-        println!("\nThe key with selector {selector} signs from now on; the key it replaces stays published for the overlap.");
+        println!("\nThe key with selector {selector} signs from now on.");
     }
-    if report.verified {
-        println!("\ndomain {} is verified (status {}); outbound sending is enabled for it.", report.domain, report.status);
+    if report.passed {
+        println!("\ndomain {} is verified: every required record passes, and outbound sending is enabled for it.", report.domain);
     }
 }
 
 fn print_keys(keys: &[KeyReport]) {
     for key in keys {
         let note = match key.state {
-            KeyState::Active => "signs every message".to_string(),
+            KeyState::Active => "the key this service signs with".to_string(),
             KeyState::Pending => "waits for its DNS record; it signs once the record verifies".to_string(),
             KeyState::Retired if key.safe_to_remove => "retired; safe to remove its DNS record now".to_string(),
             KeyState::Retired => format!(
@@ -203,8 +213,8 @@ fn state_text(state: KeyState) -> &'static str {
     }
 }
 
-/// Why `domain verify` exits non-zero: the report was printed, and the domain is not
-/// verified.
+/// Why `domain verify` exits non-zero: the report was printed, and not every required
+/// record passes.
 pub fn verify_failure(report: &VerifyReport) -> CliError {
     let failing: Vec<&str> = report
         .records
@@ -212,12 +222,23 @@ pub fn verify_failure(report: &VerifyReport) -> CliError {
         .filter(|check| check.required && check.state != RecordState::Pass)
         .map(|check| check.name.as_str())
         .collect();
-    CliError::Runtime(anyhow::anyhow!(
-        "domain {} is not verified: {} required record(s) do not pass ({}); fix them as explained above and run `outbound domain verify` again",
-        report.domain,
-        failing.len(),
-        failing.join(", ")
-    ))
+    let count = match failing.len() {
+        1 => "1 required record".to_string(),
+        many => format!("{many} required records"),
+    };
+    let names = failing.join(", ");
+    let domain = &report.domain;
+    let text = if report.inconclusive {
+        format!("the lookup of {count} failed ({names}), so nothing was changed; check that OUTBOUND_DNS_SERVERS answer, and run `outbound domain verify` again later")
+    } else if matches!(report.status, "verified" | "failing") {
+        format!(
+            "{count} of {domain} no longer pass ({names}). The domain stays {} for now: revalidation moves it to failing, then to suspended after the grace period. Fix the records as explained above and run `outbound domain verify` again",
+            report.status
+        )
+    } else {
+        format!("domain {domain} is not verified: {count} do not pass ({names}); fix them as explained above and run `outbound domain verify` again")
+    };
+    CliError::Runtime(anyhow::anyhow!(text))
 }
 
 /// A key made by `rotate-key` or `dual-signing on`, with the record to publish.
@@ -227,6 +248,10 @@ pub struct NewKeyReport {
     pub selector: String,
     pub algorithm: Algorithm,
     pub records: Vec<DnsRecord>,
+    /// The key of the same algorithm that keeps signing until the new record verifies.
+    pub replaces: Option<String>,
+    /// How long the replaced key's record stays published after the switch, in seconds.
+    pub overlap_seconds: u64,
 }
 
 /// Makes a pending key of `algorithm` under a new selector. It signs once its record
@@ -235,9 +260,10 @@ pub async fn add_key(settings: &Settings, tenant: Uuid, domain: &str, actor: Uui
     let domain = parse_domain(domain)?;
     let pool = store::connect(&settings.database, store::Patience::Once).await?;
     store::check_owner(&pool, tenant, actor).await?;
-    if store::find_domain(&pool, Some(tenant), &domain).await?.is_none() {
+    let Some(stored) = store::find_domain(&pool, Some(tenant), &domain).await? else {
         return Err(CliError::Usage(format!("domain {domain} is not registered for tenant {tenant}; add it first with `outbound domain add`")));
-    }
+    };
+    let replaces = stored.keys.iter().find(|key| key.algorithm == algorithm && key.state == KeyState::Active).map(|key| key.selector.clone());
     let (key, encrypted) = new_key(settings, &domain, algorithm)?;
     let prefix = match algorithm {
         Algorithm::Rsa => "ob",
@@ -258,7 +284,39 @@ pub async fn add_key(settings: &Settings, tenant: Uuid, domain: &str, actor: Uui
         },
         required: true,
     };
-    Ok(NewKeyReport { domain, selector, algorithm, records: vec![record] })
+    Ok(NewKeyReport { domain, selector, algorithm, records: vec![record], replaces, overlap_seconds: settings.domains.key_overlap.as_secs() })
+}
+
+/// The domain's Ed25519 key that signs or waits to sign, if dual signing is on.
+async fn ed25519_key(settings: &Settings, tenant: Uuid, domain: &str) -> Result<Option<store::StoredKey>, CliError> {
+    let domain = parse_domain(domain)?;
+    let pool = store::connect(&settings.database, store::Patience::Once).await?;
+    let stored = store::find_domain(&pool, Some(tenant), &domain).await?;
+    Ok(stored.and_then(|stored| stored.keys.into_iter().find(|key| key.algorithm == Algorithm::Ed25519 && key.state != KeyState::Retired)))
+}
+
+/// Fails when dual signing is already on or waiting for its record: a second `on` would
+/// silently rotate the Ed25519 key.
+pub async fn check_dual_signing_off(settings: &Settings, tenant: Uuid, domain: &str) -> Result<(), CliError> {
+    match ed25519_key(settings, tenant, domain).await? {
+        Some(key) => Err(CliError::Usage(format!(
+            "dual signing is already {} for {domain} (selector {}); to replace its key, run `outbound domain rotate-key --algorithm ed25519`",
+            if key.state == KeyState::Active { "on" } else { "waiting for its DNS record" },
+            key.selector
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Fails unless an Ed25519 key signs: rotating one that does not exist would turn dual
+/// signing on by another name.
+pub async fn check_dual_signing_on(settings: &Settings, tenant: Uuid, domain: &str) -> Result<(), CliError> {
+    match ed25519_key(settings, tenant, domain).await? {
+        Some(key) if key.state == KeyState::Active => Ok(()),
+        _ => Err(CliError::Usage(format!(
+            "no Ed25519 key signs for {domain}, so there is none to rotate; turn dual signing on with `outbound domain dual-signing on`"
+        ))),
+    }
 }
 
 pub fn print_new_key(report: &NewKeyReport) {
@@ -266,10 +324,17 @@ pub fn print_new_key(report: &NewKeyReport) {
     for record in &report.records {
         println!("{} {}\n  {}\n", record.name, record.record_type, record.value);
     }
+    let overlap = humantime::format_duration(std::time::Duration::from_secs(report.overlap_seconds));
+    match &report.replaces {
+        Some(old) => println!(
+            "Until the record verifies, selector {old} keeps signing. After the switch, keep the record of {old} for {overlap} (domains.key_overlap): `domain verify` says when it is safe to remove."
+        ),
+        None => println!("Until the record verifies, messages carry no {} signature.", report.algorithm.as_str()),
+    }
 }
 
-/// `dual-signing off`: stops the Ed25519 signature. Returns how many keys changed.
-pub async fn stop_dual_signing(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid) -> Result<u64, CliError> {
+/// `dual-signing off`: stops the Ed25519 signature.
+pub async fn stop_dual_signing(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid) -> Result<store::RetiredKeys, CliError> {
     let domain = parse_domain(domain)?;
     let pool = store::connect(&settings.database, store::Patience::Once).await?;
     store::check_owner(&pool, tenant, actor).await?;
@@ -293,8 +358,35 @@ pub async fn diagnose(settings: &Settings, domain: &str) -> Result<Diagnosis, Cl
 
     let mut findings = diagnose::check_spf(&domain, &settings.domains.spf_include, &dns).await;
     findings.extend(dkim_findings(stored.as_ref(), settings, &dns).await);
-    findings.extend(diagnose::check_dmarc(&domain, &dns).await);
+    let mut dmarc = diagnose::check_dmarc(&domain, &dns).await;
+    if stored.is_some() {
+        dmarc_verdict(&findings, &mut dmarc);
+    }
+    findings.extend(dmarc);
     Ok(Diagnosis { domain, registered: stored.is_some(), findings })
+}
+
+/// Replaces the DMARC `ok` finding when neither SPF nor DKIM passes for the service's mail:
+/// DMARC needs one of them to pass, aligned, so receivers apply the policy to every message.
+fn dmarc_verdict(spf_and_dkim: &[Finding], dmarc: &mut [Finding]) {
+    let spf_passes = spf_and_dkim.iter().any(|finding| finding.code == "spf_ok");
+    let dkim_passes = spf_and_dkim.iter().any(|finding| finding.code == "dkim_ok");
+    if spf_passes || dkim_passes {
+        return;
+    }
+    let Some(aligned) = dmarc.iter().position(|finding| finding.code == "dmarc_aligned") else {
+        return;
+    };
+    let policy = dmarc[aligned].finding.clone();
+    dmarc[aligned] = Finding {
+        record: "DMARC",
+        severity: Severity::Error,
+        code: "dmarc_fails",
+        finding: format!(
+            "Neither SPF nor DKIM passes for mail from this service, so DMARC fails for every message and receivers apply the domain's policy. {policy}"
+        ),
+        fix: Some("Fix the SPF or DKIM errors above: either one passing is enough for DMARC.".into()),
+    };
 }
 
 async fn dkim_findings(stored: Option<&StoredDomain>, settings: &Settings, dns: &dyn TxtSource) -> Vec<Finding> {
@@ -312,25 +404,44 @@ async fn dkim_findings(stored: Option<&StoredDomain>, settings: &Settings, dns: 
     let mut findings: Vec<Finding> = checks
         .iter()
         .filter(|check| check.purpose == "dkim")
-        .map(|check| {
+        .filter_map(|check| {
             let selector = check.selector.as_deref().unwrap_or_default();
-            let pending = facts.keys.iter().any(|key| key.selector == selector && key.state == KeyState::Pending);
-            dkim_finding(check, selector, pending)
+            let key = facts.keys.iter().find(|key| key.selector == selector)?;
+            let expected = dkim::dkim_record_value(key.algorithm, &key.public_key);
+            Some(dkim_finding(check, selector, key.state == KeyState::Pending, &expected))
         })
         .collect();
-    for key in key_reports(stored, settings.domains.key_overlap, Utc::now()).iter().filter(|key| key.state == KeyState::Retired) {
-        let (finding, fix) = if key.safe_to_remove {
-            (format!("Selector {} is retired and its overlap has passed.", key.selector), Some(format!("Delete the TXT record {}.", key.record_name)))
-        } else {
-            let until = key.safe_to_remove_at.map(|at| at.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default();
-            (format!("Selector {} is retired; receivers may still check messages signed with it until {until}.", key.selector), None)
-        };
-        findings.push(Finding { record: "DKIM", severity: Severity::Ok, code: "dkim_retired_key", finding, fix });
+    let retired: Vec<KeyReport> = key_reports(stored, settings.domains.key_overlap, Utc::now()).into_iter().filter(|key| key.state == KeyState::Retired).collect();
+    let answers = futures_util::future::join_all(retired.iter().map(|key| dns.txt(&key.record_name))).await;
+    for (key, answer) in retired.iter().zip(answers) {
+        let published = matches!(answer, crate::dns::TxtAnswer::Records(_));
+        findings.push(retired_key_finding(key, published));
     }
     findings
 }
 
-fn dkim_finding(check: &RecordCheck, selector: &str, pending: bool) -> Finding {
+/// Describes a retired key's record: keep it during the overlap, delete it after.
+fn retired_key_finding(key: &KeyReport, published: bool) -> Finding {
+    let until = key.safe_to_remove_at.map(|at| at.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default();
+    let selector = &key.selector;
+    let (severity, finding, fix) = match (key.safe_to_remove, published) {
+        (true, true) => (
+            Severity::Ok,
+            format!("Selector {selector} is retired and its overlap has passed: nothing signs with it any more."),
+            Some(format!("Delete the TXT record {}.", key.record_name)),
+        ),
+        (true, false) => (Severity::Ok, format!("Selector {selector} is retired and its record is gone, as it should be."), None),
+        (false, true) => (Severity::Ok, format!("Selector {selector} is retired; keep its record until {until}, because receivers may still check messages signed with it."), None),
+        (false, false) => (
+            Severity::Warning,
+            format!("Selector {selector} is retired, but its record is already gone: receivers that check a message signed with it before {until} fail that signature."),
+            Some(format!("Publish the record at {} again until {until}, or accept those failures.", key.record_name)),
+        ),
+    };
+    Finding { record: "DKIM", severity, code: "dkim_retired_key", finding, fix }
+}
+
+fn dkim_finding(check: &RecordCheck, selector: &str, pending: bool, expected: &str) -> Finding {
     let (severity, code, finding) = match (check.state, pending) {
         (RecordState::Pass, false) => (Severity::Ok, "dkim_ok", format!("Selector {selector}: the record matches the key that signs; signatures verify.")),
         (RecordState::Pass, true) => (
@@ -355,7 +466,11 @@ fn dkim_finding(check: &RecordCheck, selector: &str, pending: bool) -> Finding {
             format!("Selector {selector}: a new key waits for its record; until it is published, signing stays with the current key."),
         ),
     };
-    let fix = (check.state != RecordState::Pass).then(|| check.explanation.clone());
+    let fix = match check.state {
+        RecordState::Pass => None,
+        RecordState::NotVisible => Some("Run the diagnosis again later.".to_string()),
+        RecordState::Missing | RecordState::WrongValue => Some(format!("Publish exactly {expected} at {}.", check.name)),
+    };
     Finding { record: "DKIM", severity, code, finding, fix }
 }
 

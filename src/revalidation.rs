@@ -20,12 +20,13 @@ use crate::telemetry;
 const BATCH: i64 = 20;
 /// How soon a domain whose lookups timed out or failed is checked again (capped by the interval).
 const RETRY_INCONCLUSIVE: Duration = Duration::from_secs(15 * 60);
-/// How often the loop looks for due domains (capped by the interval).
+/// How often the loop looks for due domains (capped by half the interval).
 const POLL: Duration = Duration::from_secs(60);
 
 /// Runs revalidation passes until `shutdown`.
 pub async fn run(pool: PgPool, settings: DomainSettings, dns: Arc<dyn TxtSource>, shutdown: CancellationToken) {
-    let poll = POLL.min(settings.revalidate_interval).max(Duration::from_millis(200));
+    // Half the interval, so a domain is checked at most half an interval late.
+    let poll = POLL.min(settings.revalidate_interval / 2).max(Duration::from_millis(200));
     let mut interval = tokio::time::interval(poll);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -69,7 +70,17 @@ async fn revalidate(pool: &PgPool, settings: &DomainSettings, dns: &dyn TxtSourc
     metrics::counter!(telemetry::DOMAIN_CHECKS, "result" => conclusion_label(conclusion)).increment(1);
 
     if conclusion == Conclusion::Inconclusive {
-        tracing::warn!(domain = %domain.domain, "domain revalidation got no DNS answer; the domain keeps its state and is checked again soon");
+        let unanswered: Vec<&str> = checks
+            .iter()
+            .filter(|check| check.required && check.state == domains::RecordState::NotVisible)
+            .map(|check| check.name.as_str())
+            .collect();
+        tracing::warn!(
+            domain = %domain.domain,
+            tenant_id = %domain.tenant_id,
+            records = ?unanswered,
+            "domain revalidation lookups failed; the domain keeps its state and is checked again soon; check that OUTBOUND_DNS_SERVERS answer"
+        );
         let retry_in = RETRY_INCONCLUSIVE.min(settings.revalidate_interval);
         return store::postpone_revalidation(pool, &domain.domain, settings.revalidate_interval, retry_in).await;
     }

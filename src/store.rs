@@ -344,29 +344,38 @@ pub async fn add_pending_key(pool: &PgPool, tenant_id: Uuid, actor: Uuid, domain
     Ok(())
 }
 
+/// The keys [`retire_keys`] changed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RetiredKeys {
+    /// Pending keys, deleted: they never signed, so their records may go at once.
+    pub discarded: Vec<String>,
+    /// Active keys, now retired: their records stay for the overlap.
+    pub retired: Vec<String>,
+}
+
 /// Stops signing with the domain's keys of one algorithm: a pending key is deleted, an
-/// active one retired. Returns how many keys changed. Owner-only, audited.
-pub async fn retire_keys(pool: &PgPool, tenant_id: Uuid, actor: Uuid, domain: &str, algorithm: Algorithm) -> Result<u64, StoreError> {
+/// active one retired. Owner-only, audited.
+pub async fn retire_keys(pool: &PgPool, tenant_id: Uuid, actor: Uuid, domain: &str, algorithm: Algorithm) -> Result<RetiredKeys, StoreError> {
     let mut tx = scoped(pool, tenant_id, Some(actor)).await?;
     require_owner(&mut tx, tenant_id, actor).await?;
-    let deleted = sqlx::query("DELETE FROM dkim_keys WHERE domain = $1 AND algorithm = $2 AND state = 'pending'")
+    let discarded: Vec<String> = sqlx::query_scalar("DELETE FROM dkim_keys WHERE domain = $1 AND algorithm = $2 AND state = 'pending' RETURNING selector")
         .bind(domain)
         .bind(algorithm.as_str())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    let retired = sqlx::query("UPDATE dkim_keys SET state = 'retired', retired_at = now() WHERE domain = $1 AND algorithm = $2 AND state = 'active'")
-        .bind(domain)
-        .bind(algorithm.as_str())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    if deleted + retired > 0 {
-        let value = serde_json::json!({"algorithm": algorithm.as_str(), "state": "retired"});
+        .fetch_all(&mut *tx)
+        .await?;
+    let retired: Vec<String> =
+        sqlx::query_scalar("UPDATE dkim_keys SET state = 'retired', retired_at = now() WHERE domain = $1 AND algorithm = $2 AND state = 'active' RETURNING selector")
+            .bind(domain)
+            .bind(algorithm.as_str())
+            .fetch_all(&mut *tx)
+            .await?;
+    let changed = RetiredKeys { discarded, retired };
+    if !changed.discarded.is_empty() || !changed.retired.is_empty() {
+        let value = serde_json::json!({"algorithm": algorithm.as_str(), "discarded": changed.discarded, "retired": changed.retired});
         audit(&mut tx, Some(tenant_id), &actor.to_string(), "domain.key_retire", Some(domain), None, Some(value), None).await?;
     }
     tx.commit().await?;
-    Ok(deleted + retired)
+    Ok(changed)
 }
 
 /// Fails with [`StoreError::PermissionDenied`] unless `actor` owns the tenant. The triggers
@@ -382,6 +391,7 @@ pub async fn require_owner(tx: &mut sqlx::PgConnection, tenant_id: Uuid, actor: 
 
 /// [`require_owner`] on a connection of its own, for commands that check before they work.
 pub async fn check_owner(pool: &PgPool, tenant_id: Uuid, actor: Uuid) -> Result<(), StoreError> {
+    require_tenant(pool, tenant_id).await?;
     let mut connection = pool.acquire().await?;
     require_owner(&mut connection, tenant_id, actor).await
 }
@@ -503,6 +513,10 @@ pub async fn record_verification(pool: &PgPool, tenant_id: Uuid, actor: Uuid, ou
     let old = domain_status_for_update(&mut tx, outcome.domain, tenant_id).await?;
     let actor_text = actor.to_string();
     store_check(&mut tx, tenant_id, &actor_text, old, &outcome).await?;
+    if outcome.status == Some(DomainStatus::Verified) {
+        // Verified through DNS now, so revalidation re-checks it, even after an override.
+        sqlx::query("UPDATE sending_domains SET verification_method = 'dns' WHERE domain = $1").bind(outcome.domain).execute(&mut *tx).await?;
+    }
 
     if outcome.status == Some(DomainStatus::Verified) && matches!(old, DomainStatus::Pending | DomainStatus::Suspended) {
         let was_enabled: bool = sqlx::query_scalar("SELECT outbound_enabled FROM tenants WHERE id = $1").bind(tenant_id).fetch_one(&mut *tx).await?;
@@ -517,8 +531,9 @@ pub async fn record_verification(pool: &PgPool, tenant_id: Uuid, actor: Uuid, ou
 }
 
 async fn domain_status_for_update(tx: &mut sqlx::PgConnection, domain: &str, tenant_id: Uuid) -> Result<DomainStatus, StoreError> {
-    let old: Option<String> = sqlx::query_scalar("SELECT status FROM sending_domains WHERE domain = $1 FOR UPDATE")
+    let old: Option<String> = sqlx::query_scalar("SELECT status FROM sending_domains WHERE domain = $1 AND tenant_id = $2 FOR UPDATE")
         .bind(domain)
+        .bind(tenant_id)
         .fetch_optional(&mut *tx)
         .await?;
     let Some(old) = old else {
@@ -571,13 +586,15 @@ async fn store_check(tx: &mut sqlx::PgConnection, tenant_id: Uuid, actor: &str, 
 }
 
 /// Claims up to `limit` verified or failing domains whose last check is older than
-/// `interval`, and marks them checked now so that other workers skip them.
+/// `interval`, and marks them checked now so that other workers skip them. Domains the
+/// operator marked verified are not re-checked.
 pub async fn claim_due_domains(pool: &PgPool, interval: Duration, limit: i64) -> Result<Vec<StoredDomain>, StoreError> {
     let mut tx = pool.begin().await?;
     let names: Vec<String> = sqlx::query_scalar(
         "UPDATE sending_domains SET checked_at = now() WHERE domain IN (
              SELECT domain FROM sending_domains
-             WHERE status IN ('verified', 'failing') AND (checked_at IS NULL OR checked_at <= now() - make_interval(secs => $1))
+             WHERE status IN ('verified', 'failing') AND verification_method = 'dns'
+               AND (checked_at IS NULL OR checked_at <= now() - make_interval(secs => $1))
              ORDER BY checked_at NULLS FIRST LIMIT $2 FOR UPDATE SKIP LOCKED)
          RETURNING domain",
     )
@@ -620,23 +637,18 @@ pub async fn postpone_revalidation(pool: &PgPool, domain: &str, interval: Durati
 /// Marks a domain verified without a DNS check (the operator override), with an audit entry.
 pub async fn mark_domain_verified(pool: &PgPool, tenant_id: Uuid, domain: &str, reason: &str) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    let old: Option<String> = sqlx::query_scalar("SELECT status FROM sending_domains WHERE tenant_id = $1 AND domain = $2 FOR UPDATE")
-        .bind(tenant_id)
-        .bind(domain)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let Some(old) = old else {
-        return Err(StoreError::NotFound(format!(
-            "domain {domain} is not registered for tenant {tenant_id}; add it first with `outbound domain add`"
-        )));
-    };
-    // checked_at starts the revalidation interval now, as a DNS verification would.
-    sqlx::query("UPDATE sending_domains SET status = 'verified', verified_at = now(), checked_at = now(), failing_since = NULL WHERE tenant_id = $1 AND domain = $2")
+    let old = domain_status_for_update(&mut tx, domain, tenant_id).await?;
+    // Revalidation skips operator-verified domains: their records may not be visible to
+    // the service at all, which is why the override exists.
+    sqlx::query(
+        "UPDATE sending_domains SET status = 'verified', verification_method = 'operator', verified_at = now(), checked_at = now(), failing_since = NULL
+         WHERE tenant_id = $1 AND domain = $2",
+    )
         .bind(tenant_id)
         .bind(domain)
         .execute(&mut *tx)
         .await?;
-    audit(&mut tx, Some(tenant_id), "operator", "domain.mark_verified", Some(domain), Some(old.into()), Some("verified".into()), Some(reason)).await?;
+    audit(&mut tx, Some(tenant_id), "operator", "domain.mark_verified", Some(domain), Some(old.as_str().into()), Some("verified".into()), Some(reason)).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -1366,7 +1378,9 @@ pub async fn tenant_settings(pool: &PgPool, tenant_id: Uuid) -> Result<serde_jso
 
     let domains: serde_json::Value = sqlx::query_scalar(
         "SELECT coalesce(jsonb_agg(jsonb_build_object('domain', d.domain, 'status', d.status, 'verified_at', d.verified_at,
-                    'failing_since', d.failing_since, 'checked_at', d.checked_at,
+                    'verification_method', d.verification_method, 'failing_since', d.failing_since, 'checked_at', d.checked_at,
+                    'failing_records', (SELECT coalesce(jsonb_agg(c->>'name'), '[]') FROM jsonb_array_elements(coalesce(d.last_check, '[]')) c
+                                        WHERE (c->>'required')::boolean AND c->>'state' <> 'pass'),
                     'selector', (SELECT k.selector FROM dkim_keys k WHERE k.domain = d.domain AND k.algorithm = 'rsa' AND k.state = 'active'),
                     'keys', (SELECT coalesce(jsonb_agg(jsonb_build_object('selector', k.selector, 'algorithm', k.algorithm, 'state', k.state,
                                  'activated_at', k.activated_at, 'retired_at', k.retired_at) ORDER BY k.created_at), '[]')

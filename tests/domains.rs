@@ -53,6 +53,16 @@ async fn onboard(env: &mut TestEnv) -> Onboarded {
     Onboarded { tenant, records: added["records"].as_array().unwrap().clone() }
 }
 
+/// A test environment with a DNS server and one domain verified through it.
+async fn verified_domain() -> (TestEnv, DnsServer, Onboarded) {
+    let mut env = TestEnv::start().await;
+    let mut dns = DnsServer::start(env.spool.path());
+    let onboarded = onboard(&mut env).await;
+    dns.publish(&onboarded.records);
+    succeeded(&verify(&env, &dns, &onboarded));
+    (env, dns, onboarded)
+}
+
 fn verify(env: &TestEnv, dns: &DnsServer, onboarded: &Onboarded) -> Output {
     let (tenant, owner) = (onboarded.tenant.tenant_id.to_string(), onboarded.tenant.owner.to_string());
     env.cli(&onboarded.args("verify", &owner, &tenant), Some(dns))
@@ -107,7 +117,7 @@ async fn verify_split_record_enables_sending() {
     dns.publish(&onboarded.records);
 
     let report = succeeded(&verify(&env, &dns, &onboarded));
-    assert_eq!(report["verified"], true);
+    assert_eq!(report["passed"], true);
     assert_eq!(report["status"], "verified");
     assert_eq!(record_state(&report, &onboarded.dkim_name())["state"], "pass");
     assert_eq!(domain_status(&env, &onboarded.tenant.domain).await, "verified");
@@ -194,20 +204,22 @@ async fn verify_is_owner_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revalidation_suspends_then_verify_resumes() {
-    let mut env = TestEnv::start().await;
-    let mut dns = DnsServer::start(env.spool.path());
-    let onboarded = onboard(&mut env).await;
-    dns.publish(&onboarded.records);
-    succeeded(&verify(&env, &dns, &onboarded));
+    let (mut env, mut dns, onboarded) = verified_domain().await;
     env.extra_env = vec![
         ("OUTBOUND_DNS_SERVERS".into(), dns.address()),
         ("OUTBOUND_DOMAINS__REVALIDATE_INTERVAL".into(), "1s".into()),
         ("OUTBOUND_DOMAINS__GRACE_PERIOD".into(), "3s".into()),
     ];
+    // A domain the operator marked verified has no records here, and is not re-checked.
+    let overridden = env.tenant(true).await;
     env.start_worker();
     let domain = onboarded.tenant.domain.clone();
 
     dns.remove(&onboarded.dkim_name());
+    let reverify = verify(&env, &dns, &onboarded);
+    assert_eq!(reverify.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&reverify.stderr);
+    assert!(stderr.contains("The domain stays"), "a verified domain is not unverified by the owner's check: {stderr}");
     wait_for_status(&env, &domain, "failing").await;
     let in_grace = env.publish_and_wait(&request(&onboarded.tenant, &["customer@example.net"])).await;
     assert_status(&in_grace, Status::Sent, None);
@@ -232,16 +244,13 @@ async fn revalidation_suspends_then_verify_resumes() {
     let (_, metrics) = common::http_get(env.metrics_port, "/metrics");
     assert!(metrics.contains("outbound_domain_status_changes_total{status=\"suspended\"} 1"), "{metrics}");
     assert_eq!(env.received().len(), 2, "nothing sent while suspended");
+    assert_eq!(domain_status(&env, &overridden.domain).await, "verified", "operator-verified domains are not revalidated");
     env.check_contract();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswered_revalidation_changes_nothing() {
-    let mut env = TestEnv::start().await;
-    let mut dns = DnsServer::start(env.spool.path());
-    let onboarded = onboard(&mut env).await;
-    dns.publish(&onboarded.records);
-    succeeded(&verify(&env, &dns, &onboarded));
+    let (mut env, dns, onboarded) = verified_domain().await;
     // A resolver that never answers: the records' state is unknown, not failing.
     drop(dns);
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -304,6 +313,7 @@ async fn diagnose_finds_each_problem() {
     let eleven_includes: String = (0..11).map(|i| format!("include:i{i}.{domain} ")).collect();
     let over_limit = format!("v=spf1 {eleven_includes}include:_spf.outbound.example ~all");
     let reject = Some("v=DMARC1; p=reject");
+    let void_first = format!("v=spf1 include:typo.{domain} include:_spf.outbound.example -all");
     let cases = [
         Zone { case: "no SPF", spf: vec![], dmarc: reject, dkim: Dkim::Published, code: "spf_missing", severity: "error" },
         Zone { case: "several SPF", spf: vec![good_spf, "v=spf1 -all"], dmarc: reject, dkim: Dkim::Published, code: "spf_multiple", severity: "error" },
@@ -313,6 +323,8 @@ async fn diagnose_finds_each_problem() {
         Zone { case: "DKIM mismatch", spf: vec![good_spf], dmarc: reject, dkim: Dkim::Other(&other_dkim), code: "dkim_mismatch", severity: "error" },
         Zone { case: "no DMARC", spf: vec![good_spf], dmarc: None, dkim: Dkim::Published, code: "dmarc_missing", severity: "warning" },
         Zone { case: "DMARC p=none", spf: vec![good_spf], dmarc: Some("v=DMARC1; p=none"), dkim: Dkim::Published, code: "dmarc_policy_none", severity: "warning" },
+        Zone { case: "SPF include of a void name", spf: vec![&void_first], dmarc: reject, dkim: Dkim::Published, code: "spf_include_void", severity: "error" },
+        Zone { case: "neither SPF nor DKIM", spf: vec![], dmarc: reject, dkim: Dkim::Absent, code: "dmarc_fails", severity: "error" },
         Zone { case: "DMARC strict", spf: vec![good_spf], dmarc: Some("v=DMARC1; p=reject; adkim=s; aspf=s"), dkim: Dkim::Published, code: "dmarc_aligned", severity: "ok" },
     ];
 
@@ -362,11 +374,7 @@ enum Dkim<'a> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_key_signs_once_published() {
-    let mut env = TestEnv::start().await;
-    let mut dns = DnsServer::start(env.spool.path());
-    let onboarded = onboard(&mut env).await;
-    dns.publish(&onboarded.records);
-    succeeded(&verify(&env, &dns, &onboarded));
+    let (mut env, mut dns, onboarded) = verified_domain().await;
     env.start_worker();
     let (tenant, owner) = (onboarded.tenant.tenant_id.to_string(), onboarded.tenant.owner.to_string());
     let old_selector = onboarded.dkim_name().split("._domainkey.").next().unwrap().to_string();
@@ -397,6 +405,13 @@ async fn rotated_key_signs_once_published() {
     let after = env.publish_and_wait(&request(&onboarded.tenant, &["customer@example.net"])).await;
     assert_eq!(verified_signers(&env, &dns, after.message_id.as_deref().unwrap()), vec![(new_selector.clone(), "rsa-sha256".to_string())]);
 
+    // Deleting the old record within the overlap is reported: earlier messages would fail.
+    let old_record = onboarded.record(&onboarded.dkim_name()).clone();
+    dns.remove(&onboarded.dkim_name());
+    let findings = diagnose(&env, &dns, &onboarded.tenant.domain);
+    assert!(has(&findings, "dkim_retired_key", "warning"), "{findings:?}");
+    dns.publish(&[old_record]);
+
     // Once the overlap has passed, the old selector is reported safe to remove.
     sqlx::query("UPDATE dkim_keys SET retired_at = retired_at - interval '168 hours 1 minute' WHERE selector = $1")
         .bind(&old_selector)
@@ -414,18 +429,21 @@ async fn rotated_key_signs_once_published() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dual_signing_both_signatures_verify() {
-    let mut env = TestEnv::start().await;
-    let mut dns = DnsServer::start(env.spool.path());
-    let onboarded = onboard(&mut env).await;
-    dns.publish(&onboarded.records);
-    succeeded(&verify(&env, &dns, &onboarded));
+    let (mut env, mut dns, onboarded) = verified_domain().await;
     env.start_worker();
     let (tenant, owner) = (onboarded.tenant.tenant_id.to_string(), onboarded.tenant.owner.to_string());
     let rsa_selector = onboarded.dkim_name().split("._domainkey.").next().unwrap().to_string();
 
     let mut args = onboarded.args("dual-signing", &owner, &tenant);
     args.insert(2, "on");
+    let mut rotate = onboarded.args("rotate-key", &owner, &tenant);
+    rotate.extend(["--algorithm", "ed25519"]);
+    let nothing_to_rotate = env.cli(&rotate, None);
+    assert_eq!(nothing_to_rotate.status.code(), Some(2), "no Ed25519 key to rotate yet");
     let turned_on = succeeded(&env.cli(&args, None));
+    let again = env.cli(&args, None);
+    assert_eq!(again.status.code(), Some(2), "a second `on` is refused");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already"), "{}", String::from_utf8_lossy(&again.stderr));
     let ed_selector = turned_on["selector"].as_str().unwrap().to_string();
     let ed_record = turned_on["records"][0].clone();
     assert!(ed_record["value"].as_str().unwrap().contains("k=ed25519"));

@@ -587,7 +587,11 @@ impl DnsServer {
             .ok()
             .and_then(|started| started["port"].as_u64())
             .unwrap_or_else(|| panic!("DNS server did not start: {line:?}; is dnslib installed (pip install -r tests/support/requirements.txt)?"));
-        DnsServer { port: port as u16, process, zone_file, records: Vec::new() }
+        // The platform's own SPF include, published as in production.
+        let platform = serde_json::json!({"name": "_spf.outbound.example", "type": "TXT", "value": ["v=spf1 ip4:127.0.0.1 -all"]});
+        let server = DnsServer { port: port as u16, process, zone_file, records: vec![platform] };
+        server.write();
+        server
     }
 
     /// `IP:PORT`, as `OUTBOUND_DNS_SERVERS` takes it.
