@@ -444,7 +444,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let settings = Settings::load(config, &[Requirement::KeyEncryptionKey])?;
             let algorithm = crate::dkim::Algorithm::parse(&algorithm).expect("clap accepts rsa or ed25519 only");
             if algorithm == crate::dkim::Algorithm::Ed25519 {
-                onboarding::check_dual_signing_on(&settings, tenant, &domain).await?;
+                onboarding::check_dual_signing_on(&settings, tenant, &domain, actor).await?;
             }
             let report = onboarding::add_key(&settings, tenant, &domain, actor, algorithm).await?;
             print_new_key(&report, json);
@@ -453,7 +453,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Domain(DomainCommand::DualSigning { state, change: DomainChange { tenant, domain, actor, json } }) => {
             if state == "on" {
                 let settings = Settings::load(config, &[Requirement::KeyEncryptionKey])?;
-                onboarding::check_dual_signing_off(&settings, tenant, &domain).await?;
+                onboarding::check_dual_signing_off(&settings, tenant, &domain, actor).await?;
                 let report = onboarding::add_key(&settings, tenant, &domain, actor, crate::dkim::Algorithm::Ed25519).await?;
                 print_new_key(&report, json);
             } else {

@@ -515,7 +515,7 @@ fn spf_findings(domain: &str, terms: &[SpfTerm], platform_include: &str, walk: &
 
     let has_error = findings.iter().any(|finding| finding.severity == Severity::Error);
     if !has_error && walk.unavailable.is_empty() {
-        findings.push(spf_ok(domain, platform_include, walk.lookups));
+        findings.push(spf_ok(domain, platform_include, walk));
     }
 
     sort_by_severity(&mut findings);
@@ -677,17 +677,19 @@ fn spf_unavailable(domain: &str, failures: &[(String, String)]) -> Finding {
     )
 }
 
-fn spf_ok(domain: &str, platform_include: &str, lookups: usize) -> Finding {
-    Finding::new(
-        "SPF",
-        Severity::Ok,
-        "spf_ok",
-        format!(
+fn spf_ok(domain: &str, platform_include: &str, walk: &SpfWalk) -> Finding {
+    let lookups = walk.lookups;
+    let finding = match platform_within_limit(walk) {
+        Some(reached) if lookups > MAX_SPF_LOOKUPS => format!(
+            "{domain} has one SPF record, and evaluation reaches include:{platform_include} after {reached} of the \
+             {MAX_SPF_LOOKUPS} allowed DNS lookups, so receivers authorize this service's servers."
+        ),
+        _ => format!(
             "{domain} has one SPF record, it reaches include:{platform_include}, and evaluating it needs {lookups} of the \
              {MAX_SPF_LOOKUPS} allowed DNS lookups, so receivers authorize this service's servers."
         ),
-        None,
-    )
+    };
+    Finding::new("SPF", Severity::Ok, "spf_ok", finding, None)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -193,7 +193,25 @@ pub async fn check_records(facts: &DomainFacts, spf_include: &str, dns: &dyn Txt
 
     let (state, explanation) = judge_dmarc(&dmarc);
     checks.push(RecordCheck { name: dmarc_name, record_type: "TXT".into(), purpose: "dmarc", required: false, state, explanation, selector: None });
+
+    hand_over_ready_keys(&mut checks, facts);
     checks
+}
+
+/// Makes a pending key whose record passes the required one of its algorithm, in place of
+/// the active key it is about to replace: the owner may delete the old record first.
+fn hand_over_ready_keys(checks: &mut [RecordCheck], facts: &DomainFacts) {
+    let ready = keys_ready(checks, facts);
+    let algorithm_of = |selector: &str| facts.keys.iter().find(|key| key.selector == selector).map(|key| key.algorithm);
+    let replaced: Vec<Algorithm> = ready.iter().filter_map(|selector| algorithm_of(selector)).collect();
+    for check in checks.iter_mut() {
+        let Some(selector) = check.selector.clone() else { continue };
+        if ready.contains(&selector) {
+            check.required = true;
+        } else if algorithm_of(&selector).is_some_and(|algorithm| replaced.contains(&algorithm)) {
+            check.required = false;
+        }
+    }
 }
 
 fn absent(answer: &TxtAnswer, what: &str, publish: &str) -> Option<(RecordState, String)> {
@@ -212,7 +230,7 @@ fn absent(answer: &TxtAnswer, what: &str, publish: &str) -> Option<(RecordState,
         TxtAnswer::Unavailable(error) => Some((
             RecordState::NotVisible,
             format!(
-                "The lookup failed ({error}), so the record's state is unknown. The domain's name servers or the resolvers did not answer; nothing was changed, so check again later."
+                "The lookup failed ({error}), so the record's state is unknown: the domain's name servers or the resolvers did not answer. Check again later."
             ),
         )),
     }
@@ -339,6 +357,11 @@ async fn evaluate_spf(domain: &str, answer: &TxtAnswer, spf_include: &str, dns: 
     };
     let problem = findings.iter().find(breaks_platform_mail);
 
+    if let Some(unavailable) = findings.iter().find(|finding| finding.code == "spf_unavailable") {
+        if problem.is_none() {
+            return (RecordState::NotVisible, unavailable.finding.clone());
+        }
+    }
     match (state, problem) {
         // The record names the include: only a broken evaluation can still fail it.
         (RecordState::Pass, Some(problem)) => {
@@ -582,6 +605,22 @@ mod tests {
         let zone = complete_zone().with("s2._domainkey.shop.example", &["v=DKIM1; k=ed25519; p=ED"]);
         let checks = check_records(&facts, "_spf.outbound.example", &zone).await;
         assert_eq!(keys_ready(&checks, &facts), vec!["s2".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn ready_key_replaces_deleted_old_record() {
+        let mut facts = facts();
+        facts.keys.push(KeyFacts { selector: "s2".into(), algorithm: Algorithm::Rsa, public_key: "NEWKEY".into(), state: KeyState::Pending, retired_at: None });
+        let mut zone = complete_zone().with("s2._domainkey.shop.example", &["v=DKIM1; k=rsa; p=NEWKEY"]);
+        zone.answers.remove("s1._domainkey.shop.example");
+
+        let checks = check_records(&facts, "_spf.outbound.example", &zone).await;
+
+        assert_eq!(conclude(&checks), Conclusion::Pass, "the old record may go once the new one is there: {checks:#?}");
+        let old = checks.iter().find(|check| check.selector.as_deref() == Some("s1")).expect("old key checked");
+        assert!(!old.required);
+        let new = checks.iter().find(|check| check.selector.as_deref() == Some("s2")).expect("new key checked");
+        assert!(new.required);
     }
 
     #[test]

@@ -119,6 +119,8 @@ pub struct VerifyReport {
     pub inconclusive: bool,
     /// The domain's status after the check.
     pub status: &'static str,
+    /// True when the operator marked the domain verified and revalidation skips it.
+    pub operator_verified: bool,
     pub records: Vec<RecordCheck>,
     pub keys: Vec<KeyReport>,
     /// Pending keys that started signing with this check.
@@ -161,12 +163,16 @@ pub async fn verify(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid
     for check in checks.iter_mut().filter(|check| check.selector.is_some()) {
         let key = after.keys.iter().find(|key| Some(&key.selector) == check.selector.as_ref());
         check.required = key.is_some_and(|key| key.state == KeyState::Active);
+        if key.is_some_and(|key| key.state == KeyState::Retired) && check.state == RecordState::Pass {
+            check.explanation = "Found. This key is retired by this check: keep its record until the overlap ends.".into();
+        }
     }
     Ok(VerifyReport {
         domain,
         passed: conclusion == Conclusion::Pass,
         inconclusive: conclusion == Conclusion::Inconclusive,
         status: after.status.as_str(),
+        operator_verified: after.operator_verified,
         records: checks,
         keys: key_reports(&after, settings.domains.key_overlap, Utc::now()),
         keys_activated: keys_ready,
@@ -222,21 +228,31 @@ pub fn verify_failure(report: &VerifyReport) -> CliError {
         .filter(|check| check.required && check.state != RecordState::Pass)
         .map(|check| check.name.as_str())
         .collect();
-    let count = match failing.len() {
-        1 => "1 required record".to_string(),
-        many => format!("{many} required records"),
+    let (count, verb) = match failing.len() {
+        1 => ("1 required record".to_string(), "does"),
+        many => (format!("{many} required records"), "do"),
     };
     let names = failing.join(", ");
     let domain = &report.domain;
     let text = if report.inconclusive {
-        format!("the lookup of {count} failed ({names}), so nothing was changed; check that OUTBOUND_DNS_SERVERS answer, and run `outbound domain verify` again later")
-    } else if matches!(report.status, "verified" | "failing") {
         format!(
-            "{count} of {domain} no longer pass ({names}). The domain stays {} for now: revalidation moves it to failing, then to suspended after the grace period. Fix the records as explained above and run `outbound domain verify` again",
+            "the lookup of {count} failed ({names}), so the domain's status was not changed; check that OUTBOUND_DNS_SERVERS answer, and run `outbound domain verify` again later"
+        )
+    } else if report.operator_verified {
+        format!(
+            "{count} of {domain} {verb} not pass ({names}). The domain stays {} because the operator marked it verified, and revalidation does not check it. Fix the records and run `outbound domain verify` again: once they pass, revalidation checks the domain like any other",
             report.status
         )
+    } else if report.status == "verified" {
+        format!(
+            "{count} of {domain} {verb} not pass ({names}). The domain stays verified for now: revalidation moves it to failing, then to suspended after the grace period. Fix the records and run `outbound domain verify` again"
+        )
+    } else if report.status == "failing" {
+        format!(
+            "{count} of {domain} {verb} not pass ({names}). The domain is failing: it is suspended when the grace period ends. Fix the records and run `outbound domain verify` again"
+        )
     } else {
-        format!("domain {domain} is not verified: {count} do not pass ({names}); fix them as explained above and run `outbound domain verify` again")
+        format!("domain {domain} is not verified: {count} {verb} not pass ({names}); fix them as explained above and run `outbound domain verify` again")
     };
     CliError::Runtime(anyhow::anyhow!(text))
 }
@@ -287,21 +303,26 @@ pub async fn add_key(settings: &Settings, tenant: Uuid, domain: &str, actor: Uui
     Ok(NewKeyReport { domain, selector, algorithm, records: vec![record], replaces, overlap_seconds: settings.domains.key_overlap.as_secs() })
 }
 
-/// The domain's Ed25519 key that signs or waits to sign, if dual signing is on.
-async fn ed25519_key(settings: &Settings, tenant: Uuid, domain: &str) -> Result<Option<store::StoredKey>, CliError> {
+/// The domain's Ed25519 key that signs or waits to sign, if dual signing is on. Checks the
+/// tenant and the owner first, so that others learn nothing about the keys.
+async fn ed25519_key(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid) -> Result<Option<store::StoredKey>, CliError> {
     let domain = parse_domain(domain)?;
     let pool = store::connect(&settings.database, store::Patience::Once).await?;
+    store::check_owner(&pool, tenant, actor).await?;
     let stored = store::find_domain(&pool, Some(tenant), &domain).await?;
     Ok(stored.and_then(|stored| stored.keys.into_iter().find(|key| key.algorithm == Algorithm::Ed25519 && key.state != KeyState::Retired)))
 }
 
 /// Fails when dual signing is already on or waiting for its record: a second `on` would
 /// silently rotate the Ed25519 key.
-pub async fn check_dual_signing_off(settings: &Settings, tenant: Uuid, domain: &str) -> Result<(), CliError> {
-    match ed25519_key(settings, tenant, domain).await? {
+pub async fn check_dual_signing_off(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid) -> Result<(), CliError> {
+    match ed25519_key(settings, tenant, domain, actor).await? {
+        Some(key) if key.state == KeyState::Active => Err(CliError::Usage(format!(
+            "dual signing is already on for {domain} (selector {}); to replace its key, run `outbound domain rotate-key --algorithm ed25519`",
+            key.selector
+        ))),
         Some(key) => Err(CliError::Usage(format!(
-            "dual signing is already {} for {domain} (selector {}); to replace its key, run `outbound domain rotate-key --algorithm ed25519`",
-            if key.state == KeyState::Active { "on" } else { "waiting for its DNS record" },
+            "dual signing for {domain} waits for the DNS record of selector {}; publish it and run `outbound domain verify`, or discard the key with `outbound domain dual-signing off`",
             key.selector
         ))),
         None => Ok(()),
@@ -310,10 +331,14 @@ pub async fn check_dual_signing_off(settings: &Settings, tenant: Uuid, domain: &
 
 /// Fails unless an Ed25519 key signs: rotating one that does not exist would turn dual
 /// signing on by another name.
-pub async fn check_dual_signing_on(settings: &Settings, tenant: Uuid, domain: &str) -> Result<(), CliError> {
-    match ed25519_key(settings, tenant, domain).await? {
+pub async fn check_dual_signing_on(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid) -> Result<(), CliError> {
+    match ed25519_key(settings, tenant, domain, actor).await? {
         Some(key) if key.state == KeyState::Active => Ok(()),
-        _ => Err(CliError::Usage(format!(
+        Some(key) => Err(CliError::Usage(format!(
+            "the Ed25519 key of {domain} (selector {}) waits for its DNS record and does not sign yet; publish it and run `outbound domain verify`",
+            key.selector
+        ))),
+        None => Err(CliError::Usage(format!(
             "no Ed25519 key signs for {domain}, so there is none to rotate; turn dual signing on with `outbound domain dual-signing on`"
         ))),
     }
@@ -366,25 +391,21 @@ pub async fn diagnose(settings: &Settings, domain: &str) -> Result<Diagnosis, Cl
     Ok(Diagnosis { domain, registered: stored.is_some(), findings })
 }
 
-/// Replaces the DMARC `ok` finding when neither SPF nor DKIM passes for the service's mail:
-/// DMARC needs one of them to pass, aligned, so receivers apply the policy to every message.
+/// Replaces the DMARC `ok` finding when SPF and DKIM are both known to fail for the
+/// service's mail: DMARC needs one of them to pass, aligned, so receivers apply the policy.
 fn dmarc_verdict(spf_and_dkim: &[Finding], dmarc: &mut [Finding]) {
-    let spf_passes = spf_and_dkim.iter().any(|finding| finding.code == "spf_ok");
-    let dkim_passes = spf_and_dkim.iter().any(|finding| finding.code == "dkim_ok");
-    if spf_passes || dkim_passes {
+    let passes = |code: &str| spf_and_dkim.iter().any(|finding| finding.code == code);
+    if passes("spf_ok") || passes("dkim_ok") || passes("spf_unavailable") || passes("dkim_unavailable") {
         return;
     }
     let Some(aligned) = dmarc.iter().position(|finding| finding.code == "dmarc_aligned") else {
         return;
     };
-    let policy = dmarc[aligned].finding.clone();
     dmarc[aligned] = Finding {
         record: "DMARC",
         severity: Severity::Error,
         code: "dmarc_fails",
-        finding: format!(
-            "Neither SPF nor DKIM passes for mail from this service, so DMARC fails for every message and receivers apply the domain's policy. {policy}"
-        ),
+        finding: "Neither SPF nor DKIM passes for mail from this service, so DMARC fails for every message and receivers apply the domain's DMARC policy to it.".into(),
         fix: Some("Fix the SPF or DKIM errors above: either one passing is enough for DMARC.".into()),
     };
 }
@@ -414,7 +435,12 @@ async fn dkim_findings(stored: Option<&StoredDomain>, settings: &Settings, dns: 
     let retired: Vec<KeyReport> = key_reports(stored, settings.domains.key_overlap, Utc::now()).into_iter().filter(|key| key.state == KeyState::Retired).collect();
     let answers = futures_util::future::join_all(retired.iter().map(|key| dns.txt(&key.record_name))).await;
     for (key, answer) in retired.iter().zip(answers) {
-        let published = matches!(answer, crate::dns::TxtAnswer::Records(_));
+        let published = match answer {
+            crate::dns::TxtAnswer::Records(_) => true,
+            crate::dns::TxtAnswer::NoRecords { .. } => false,
+            // Unknown: say only what is certain, the date until which to keep it.
+            crate::dns::TxtAnswer::Unavailable(_) => true,
+        };
         findings.push(retired_key_finding(key, published));
     }
     findings

@@ -406,6 +406,8 @@ pub struct StoredDomain {
     pub verified_at: Option<DateTime<Utc>>,
     pub failing_since: Option<DateTime<Utc>>,
     pub checked_at: Option<DateTime<Utc>>,
+    /// True when the operator marked the domain verified: revalidation skips it.
+    pub operator_verified: bool,
     pub keys: Vec<StoredKey>,
 }
 
@@ -452,7 +454,8 @@ pub async fn find_domain(pool: &PgPool, tenant_id: Option<Uuid>, domain: &str) -
 
 async fn read_domain(tx: &mut sqlx::PgConnection, domain: &str) -> Result<Option<StoredDomain>, StoreError> {
     let Some(row) = sqlx::query(
-        "SELECT tenant_id, domain, status, verification_token, verified_at, failing_since, checked_at FROM sending_domains WHERE domain = $1",
+        "SELECT tenant_id, domain, status, verification_token, verified_at, failing_since, checked_at, verification_method = 'operator' AS operator_verified
+         FROM sending_domains WHERE domain = $1",
     )
     .bind(domain)
     .fetch_optional(&mut *tx)
@@ -476,6 +479,7 @@ async fn read_domain(tx: &mut sqlx::PgConnection, domain: &str) -> Result<Option
         verified_at: row.get("verified_at"),
         failing_since: row.get("failing_since"),
         checked_at: row.get("checked_at"),
+        operator_verified: row.get("operator_verified"),
         keys: keys
             .iter()
             .filter_map(|key| {
@@ -636,6 +640,7 @@ pub async fn postpone_revalidation(pool: &PgPool, domain: &str, interval: Durati
 
 /// Marks a domain verified without a DNS check (the operator override), with an audit entry.
 pub async fn mark_domain_verified(pool: &PgPool, tenant_id: Uuid, domain: &str, reason: &str) -> Result<(), StoreError> {
+    require_tenant(pool, tenant_id).await?;
     let mut tx = pool.begin().await?;
     let old = domain_status_for_update(&mut tx, domain, tenant_id).await?;
     // Revalidation skips operator-verified domains: their records may not be visible to

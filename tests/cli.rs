@@ -115,9 +115,14 @@ async fn bad_arguments_exit_two_with_the_fix() {
     assert_eq!(email.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&email.stderr).contains("--owner-email"));
 
-    let unknown = outbound(&env, &["domain", "mark-verified", "--tenant", &uuid::Uuid::new_v4().to_string(), "--domain", "nowhere.example", "--reason", "x"]);
-    assert_eq!(unknown.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&unknown.stderr).contains("outbound domain add"));
+    let unknown_tenant = outbound(&env, &["domain", "mark-verified", "--tenant", &uuid::Uuid::new_v4().to_string(), "--domain", "nowhere.example", "--reason", "x"]);
+    assert_eq!(unknown_tenant.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown_tenant.stderr).contains("not found"), "{}", String::from_utf8_lossy(&unknown_tenant.stderr));
+
+    let tenant = outbound::store::create_tenant(&env.pool, "X", "o@x.example", "starter").await.unwrap();
+    let unknown_domain = outbound(&env, &["domain", "mark-verified", "--tenant", &tenant.tenant_id.to_string(), "--domain", "nowhere.example", "--reason", "x"]);
+    assert_eq!(unknown_domain.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown_domain.stderr).contains("outbound domain add"));
 
     let missing_file = outbound(&env, &["send", "/nonexistent/request.json"]);
     assert_eq!(missing_file.status.code(), Some(2));

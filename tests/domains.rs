@@ -192,7 +192,11 @@ async fn verify_is_owner_only() {
 
     let tenant = onboarded.tenant.tenant_id.to_string();
     let admin = admin.to_string();
-    for args in [onboarded.args("verify", &admin, &tenant), onboarded.args("rotate-key", &admin, &tenant)] {
+    let mut dual_signing = onboarded.args("dual-signing", &admin, &tenant);
+    dual_signing.insert(2, "on");
+    let mut rotate_ed25519 = onboarded.args("rotate-key", &admin, &tenant);
+    rotate_ed25519.extend(["--algorithm", "ed25519"]);
+    for args in [onboarded.args("verify", &admin, &tenant), onboarded.args("rotate-key", &admin, &tenant), dual_signing, rotate_ed25519] {
         let denied = env.cli(&args, Some(&dns));
         assert_eq!(denied.status.code(), Some(3), "{args:?}");
         assert!(String::from_utf8_lossy(&denied.stderr).contains("permission denied: only the tenant owner can change outbound email settings"));
@@ -443,7 +447,7 @@ async fn dual_signing_both_signatures_verify() {
     let turned_on = succeeded(&env.cli(&args, None));
     let again = env.cli(&args, None);
     assert_eq!(again.status.code(), Some(2), "a second `on` is refused");
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already"), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("waits for the DNS record"), "{}", String::from_utf8_lossy(&again.stderr));
     let ed_selector = turned_on["selector"].as_str().unwrap().to_string();
     let ed_record = turned_on["records"][0].clone();
     assert!(ed_record["value"].as_str().unwrap().contains("k=ed25519"));
