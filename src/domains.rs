@@ -58,7 +58,7 @@ impl KeyState {
     }
 }
 
-/// What the checks need to know about a domain.
+/// The facts about a domain that the checks need.
 #[derive(Debug, Clone)]
 pub struct DomainFacts {
     pub domain: String,
@@ -70,7 +70,7 @@ pub fn dkim_record_name(selector: &str, domain: &str) -> String {
     format!("{selector}._domainkey.{domain}")
 }
 
-/// Every record the owner publishes: the verification token, the DKIM record of each key
+/// Lists every record the owner publishes: the verification token, the DKIM record of each key
 /// that signs or waits to sign, the SPF include and a recommended DMARC record.
 pub fn records_to_publish(facts: &DomainFacts, spf_include: &str) -> Vec<DnsRecord> {
     let domain = &facts.domain;
@@ -120,13 +120,13 @@ fn key_purpose(key: &KeyFacts) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordState {
-    /// Found, and it holds what the service expects.
+    /// Found, and it contains what the service expects.
     Pass,
     /// The name has no such record.
     Missing,
-    /// A record is there but holds something else.
+    /// A record is there but contains something else.
     WrongValue,
-    /// The resolver gave no answer; the record may be fine.
+    /// The lookup failed (timeout, SERVFAIL), so the record may be fine.
     NotVisible,
 }
 
@@ -141,7 +141,7 @@ impl RecordState {
     }
 }
 
-/// One record's check, with a sentence that says what was found and what to do.
+/// One record's check, with a sentence that states what was found and what to do.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RecordCheck {
     pub name: String,
@@ -167,7 +167,7 @@ pub async fn check_records(facts: &DomainFacts, spf_include: &str, dns: &dyn Txt
     names.extend(keys.iter().map(|key| dkim_record_name(&key.selector, domain)));
     // The lookups run together, so a slow name server costs one timeout, not one per record.
     let mut answers = futures_util::future::join_all(names.iter().map(|name| dns.txt(name))).await.into_iter();
-    let mut next = || answers.next().expect("one answer per name");
+    let mut next = || answers.next().expect("one lookup result per name");
     let (verification, spf, dmarc) = (next(), next(), next());
 
     let expected = format!("{VERIFICATION_TAG}{}", facts.verification_token);

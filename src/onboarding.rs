@@ -28,8 +28,8 @@ fn parse_domain(domain: &str) -> Result<String, CliError> {
     ascii_domain(domain).ok_or_else(|| CliError::Usage(format!("invalid --domain {domain}: write a host name like mail.example.com")))
 }
 
-/// A selector that is new for the domain: a prefix, the date and random hex, so that a
-/// rotation on the day of `domain add` does not collide.
+/// Returns a selector that is new for the domain: a prefix, the date and random hex, so that
+/// a rotation on the day of `domain add` does not collide.
 fn new_selector(prefix: &str) -> String {
     format!("{prefix}{}{:04x}", Utc::now().format("%Y%m%d"), rand::thread_rng().gen::<u16>())
 }
@@ -303,8 +303,8 @@ pub async fn add_key(settings: &Settings, tenant: Uuid, domain: &str, actor: Uui
     Ok(NewKeyReport { domain, selector, algorithm, records: vec![record], replaces, overlap_seconds: settings.domains.key_overlap.as_secs() })
 }
 
-/// The domain's Ed25519 key that signs or waits to sign, if dual signing is on. Checks the
-/// tenant and the owner first, so that others learn nothing about the keys.
+/// Returns the domain's Ed25519 key that signs or waits to sign, if dual signing is on. It
+/// checks the tenant and the owner first, so that others learn nothing about the keys.
 async fn ed25519_key(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid) -> Result<Option<store::StoredKey>, CliError> {
     let domain = parse_domain(domain)?;
     let pool = store::connect(&settings.database, store::Patience::Once).await?;
@@ -374,7 +374,7 @@ pub struct Diagnosis {
     pub findings: Vec<Finding>,
 }
 
-/// `domain diagnose`: what a receiver sees for SPF, DKIM and DMARC, and how to fix it.
+/// Runs `domain diagnose`: how receivers evaluate SPF, DKIM and DMARC, and how to fix it.
 pub async fn diagnose(settings: &Settings, domain: &str) -> Result<Diagnosis, CliError> {
     let domain = parse_domain(domain)?;
     let pool = store::connect(&settings.database, store::Patience::Once).await?;
@@ -438,7 +438,7 @@ async fn dkim_findings(stored: Option<&StoredDomain>, settings: &Settings, dns: 
         let published = match answer {
             crate::dns::TxtAnswer::Records(_) => true,
             crate::dns::TxtAnswer::NoRecords { .. } => false,
-            // Unknown: say only what is certain, the date until which to keep it.
+            // Unknown state: report only what is certain, the date until which to keep it.
             crate::dns::TxtAnswer::Unavailable(_) => true,
         };
         findings.push(retired_key_finding(key, published));
