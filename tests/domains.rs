@@ -212,18 +212,20 @@ async fn revalidation_suspends_then_verify_resumes() {
     env.extra_env = vec![
         ("OUTBOUND_DNS_SERVERS".into(), dns.address()),
         ("OUTBOUND_DOMAINS__REVALIDATE_INTERVAL".into(), "1s".into()),
-        ("OUTBOUND_DOMAINS__GRACE_PERIOD".into(), "3s".into()),
+        ("OUTBOUND_DOMAINS__GRACE_PERIOD".into(), "5s".into()),
     ];
     // A domain the operator marked verified has no records here, and is not re-checked.
     let overridden = env.tenant(true).await;
-    env.start_worker();
     let domain = onboarded.tenant.domain.clone();
 
     dns.remove(&onboarded.dkim_name());
     let reverify = verify(&env, &dns, &onboarded);
     assert_eq!(reverify.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&reverify.stderr);
-    assert!(stderr.contains("The domain stays"), "a verified domain is not unverified by the owner's check: {stderr}");
+    assert!(stderr.contains("The domain stays verified"), "the owner's check leaves the status to revalidation: {stderr}");
+    assert_eq!(domain_status(&env, &domain).await, "verified");
+
+    env.start_worker();
     wait_for_status(&env, &domain, "failing").await;
     let in_grace = env.publish_and_wait(&request(&onboarded.tenant, &["customer@example.net"])).await;
     assert_status(&in_grace, Status::Sent, None);

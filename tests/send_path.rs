@@ -191,6 +191,21 @@ async fn duplicate_before_publication_recorded() {
     let body = request(&tenant, &["customer@example.net"]);
     let first = env.publish_and_wait(&body).await;
     let request_id = first.request_id.expect("request id");
+    // The worker records the publication just after the broker's confirm; wait for that
+    // write, or it would land after the reset below.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let recorded: bool = sqlx::query_scalar("SELECT result_published_at IS NOT NULL FROM deliveries WHERE request_id = $1")
+            .bind(request_id)
+            .fetch_one(&env.pool)
+            .await
+            .expect("delivery row");
+        if recorded {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the worker never recorded the publication");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     sqlx::query("UPDATE deliveries SET result_published_at = NULL WHERE request_id = $1")
         .bind(request_id)
         .execute(&env.pool)
