@@ -232,7 +232,7 @@ pub enum DomainCommand {
     /// Look the records up, print each one's state, and mark the domain verified when all
     /// required ones pass (owner only). Exits 1 when a required record does not pass.
     Verify(DomainChange),
-    /// Explain, record by record, what a receiver sees for SPF, DKIM and DMARC. A report:
+    /// Explain, record by record, how a receiver evaluates SPF, DKIM and DMARC. A report:
     /// exits 0 whatever it finds.
     Diagnose {
         /// The sending domain, for example mail.example.com.
@@ -443,18 +443,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Domain(DomainCommand::RotateKey { change: DomainChange { tenant, domain, actor, json }, algorithm }) => {
             let settings = Settings::load(config, &[Requirement::KeyEncryptionKey])?;
             let algorithm = crate::dkim::Algorithm::parse(&algorithm).expect("clap accepts rsa or ed25519 only");
-            if algorithm == crate::dkim::Algorithm::Ed25519 {
-                onboarding::check_dual_signing_on(&settings, tenant, &domain, actor).await?;
-            }
-            let report = onboarding::add_key(&settings, tenant, &domain, actor, algorithm).await?;
+            let report = onboarding::add_key(&settings, tenant, &domain, actor, onboarding::KeyRequest::Rotate(algorithm)).await?;
             print_new_key(&report, json);
             Ok(())
         }
         Command::Domain(DomainCommand::DualSigning { state, change: DomainChange { tenant, domain, actor, json } }) => {
             if state == "on" {
                 let settings = Settings::load(config, &[Requirement::KeyEncryptionKey])?;
-                onboarding::check_dual_signing_off(&settings, tenant, &domain, actor).await?;
-                let report = onboarding::add_key(&settings, tenant, &domain, actor, crate::dkim::Algorithm::Ed25519).await?;
+                let report = onboarding::add_key(&settings, tenant, &domain, actor, onboarding::KeyRequest::DualSigningOn).await?;
                 print_new_key(&report, json);
             } else {
                 let settings = Settings::load(config, &[])?;

@@ -5,7 +5,7 @@
 //! to the From domain. So SPF is checked at the tenant domain itself, and DMARC passes
 //! whenever SPF or DKIM passes. What remains to check is what the tenant publishes: an SPF
 //! record that authorizes the platform within the 10-lookup limit of RFC 7208, and a DMARC
-//! record that receivers can parse. Each [`Finding`] says what a receiver will conclude and
+//! record that receivers can parse. Each [`Finding`] states what a receiver will conclude and
 //! what to publish instead.
 //!
 //! The parsing of SPF terms and DMARC tags is pure. Only [`check_spf`] and [`check_dmarc`]
@@ -469,13 +469,20 @@ async fn fetch_and_walk_spf(domain: &str, terms: &[SpfTerm], platform_include: &
 /// Fetches the domain's TXT records and, recursively, the records its `include` and
 /// `redirect` terms name. Returns every finding that applies, errors first.
 pub async fn check_spf(domain: &str, platform_include: &str, dns: &dyn TxtSource) -> Vec<Finding> {
+    let answer = dns.txt(&normalize_domain(domain)).await;
+    check_spf_answer(domain, platform_include, &answer, dns).await
+}
+
+/// Runs [`check_spf`] on the domain's TXT lookup result that the caller already has, so
+/// only the nested records are fetched.
+pub async fn check_spf_answer(domain: &str, platform_include: &str, answer: &TxtAnswer, dns: &dyn TxtSource) -> Vec<Finding> {
     let domain = normalize_domain(domain);
     let platform_include = normalize_domain(platform_include);
 
-    let records: Vec<Vec<SpfTerm>> = match dns.txt(&domain).await {
+    let records: Vec<Vec<SpfTerm>> = match answer {
         TxtAnswer::Records(txts) => txts.iter().filter_map(|txt| parse_spf(txt)).collect(),
         TxtAnswer::NoRecords { .. } => Vec::new(),
-        TxtAnswer::Unavailable(reason) => return vec![spf_unavailable(&domain, &[(domain.clone(), reason)])],
+        TxtAnswer::Unavailable(reason) => return vec![spf_unavailable(&domain, &[(domain.clone(), reason.clone())])],
     };
 
     match records.as_slice() {
@@ -568,8 +575,8 @@ fn spf_include_missing(domain: &str, terms: &[SpfTerm], platform_include: &str, 
     )
 }
 
-/// Whether mail from the platform still passes: evaluation stops at the first match, so it
-/// passes when the platform include is reached within the lookup limit.
+/// Returns the lookup count at the platform include when it is within the limit. Evaluation
+/// stops at the first match, so mail from the platform then still passes.
 fn platform_within_limit(walk: &SpfWalk) -> Option<usize> {
     walk.platform_reached_after.filter(|lookups| *lookups <= MAX_SPF_LOOKUPS)
 }
@@ -993,7 +1000,7 @@ mod tests {
     const PLATFORM: &str = "_spf.outbound.example";
     const DOMAIN: &str = "mail.tenant.example";
 
-    /// A zone with the platform's include published, as in production.
+    /// Returns a zone with the platform's include published, as in production.
     fn zone() -> FixedTxt {
         FixedTxt::default().with(PLATFORM, &["v=spf1 ip4:198.51.100.0/24 -all"])
     }

@@ -122,8 +122,8 @@ pub fn decrypt_private_key(kek: &KeyEncryptionKey, domain: &str, stored: &[u8]) 
     Ok(plaintext.to_vec())
 }
 
-/// The DKIM TXT record's text, as a receiver reads it once the strings are joined.
-pub fn dkim_record_text(algorithm: Algorithm, public_base64: &str) -> String {
+/// Returns the DKIM TXT record's text, as a receiver reads it once the strings are joined.
+fn dkim_record_text(algorithm: Algorithm, public_base64: &str) -> String {
     format!("v=DKIM1; k={}; p={public_base64}", algorithm.as_str())
 }
 

@@ -1,6 +1,6 @@
 //! TXT lookups for domain verification, revalidation and diagnosis.
 //!
-//! Answers are sorted into three kinds, because each leads to a different action: records
+//! Lookup results are sorted into three kinds, because each leads to a different action: records
 //! found, no such records (the owner must publish them), or no answer at all (a resolver
 //! or name-server problem that says nothing about the records, so nothing may be
 //! concluded from it).
@@ -22,16 +22,16 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The outcome of one TXT lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxtAnswer {
-    /// One entry per TXT record, its character-strings joined as RFC 7208 and RFC 6376 say.
+    /// One entry per TXT record, its character-strings joined as RFC 7208 and RFC 6376 require.
     Records(Vec<String>),
     /// The name does not exist, or has no TXT record. `negative_ttl` is how long resolvers
-    /// may keep answering so after the record is published.
+    /// may keep returning that result after the record is published.
     NoRecords { negative_ttl: Option<u32> },
-    /// No usable answer: a timeout, SERVFAIL or REFUSED. Says nothing about the records.
+    /// The lookup failed: a timeout, SERVFAIL or REFUSED. It tells nothing about the records.
     Unavailable(String),
 }
 
-/// Where TXT answers come from: the DNS in production, a table in unit tests.
+/// A source of TXT lookup results: the DNS in production, a table in unit tests.
 #[async_trait::async_trait]
 pub trait TxtSource: Send + Sync {
     async fn txt(&self, name: &str) -> TxtAnswer;

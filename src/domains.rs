@@ -82,13 +82,7 @@ pub fn records_to_publish(facts: &DomainFacts, spf_include: &str) -> Vec<DnsReco
         required: true,
     }];
     for key in facts.keys.iter().filter(|key| key.state != KeyState::Retired) {
-        records.push(DnsRecord {
-            name: dkim_record_name(&key.selector, domain),
-            record_type: "TXT".into(),
-            value: dkim::dkim_record_value(key.algorithm, &key.public_key),
-            purpose: key_purpose(key),
-            required: key.state == KeyState::Active,
-        });
+        records.push(dkim_record(domain, key));
     }
     records.push(DnsRecord {
         name: domain.clone(),
@@ -105,6 +99,17 @@ pub fn records_to_publish(facts: &DomainFacts, spf_include: &str) -> Vec<DnsReco
         required: false,
     });
     records
+}
+
+/// Builds the DKIM record of one key. The active keys' records are the required ones.
+pub fn dkim_record(domain: &str, key: &KeyFacts) -> DnsRecord {
+    DnsRecord {
+        name: dkim_record_name(&key.selector, domain),
+        record_type: "TXT".into(),
+        value: dkim::dkim_record_value(key.algorithm, &key.public_key),
+        purpose: key_purpose(key),
+        required: key.state == KeyState::Active,
+    }
 }
 
 fn key_purpose(key: &KeyFacts) -> String {
@@ -160,40 +165,50 @@ pub struct RecordCheck {
 /// pending keys; the active ones are required.
 pub async fn check_records(facts: &DomainFacts, spf_include: &str, dns: &dyn TxtSource) -> Vec<RecordCheck> {
     let domain = &facts.domain;
-    let keys: Vec<&KeyFacts> = facts.keys.iter().filter(|key| key.state != KeyState::Retired).collect();
     let verification_name = format!("{VERIFICATION_LABEL}.{domain}");
     let dmarc_name = format!("_dmarc.{domain}");
-    let mut names = vec![verification_name.clone(), domain.clone(), dmarc_name.clone()];
-    names.extend(keys.iter().map(|key| dkim_record_name(&key.selector, domain)));
     // The lookups run together, so a slow name server costs one timeout, not one per record.
-    let mut answers = futures_util::future::join_all(names.iter().map(|name| dns.txt(name))).await.into_iter();
-    let mut next = || answers.next().expect("one lookup result per name");
-    let (verification, spf, dmarc) = (next(), next(), next());
+    let ((verification, spf, dmarc), dkim_checks) =
+        futures_util::join!(futures_util::future::join3(dns.txt(&verification_name), dns.txt(domain), dns.txt(&dmarc_name)), check_dkim(facts, dns));
 
     let expected = format!("{VERIFICATION_TAG}{}", facts.verification_token);
     let (state, explanation) = judge_verification(&verification, &expected);
     let mut checks =
         vec![RecordCheck { name: verification_name, record_type: "TXT".into(), purpose: "verification", required: true, state, explanation, selector: None }];
-
-    for key in keys {
-        let (state, explanation) = judge_dkim(&next(), key);
-        checks.push(RecordCheck {
-            name: dkim_record_name(&key.selector, domain),
-            record_type: "TXT".into(),
-            purpose: "dkim",
-            required: key.state == KeyState::Active,
-            state,
-            explanation,
-            selector: Some(key.selector.clone()),
-        });
-    }
+    checks.extend(dkim_checks);
 
     let (state, explanation) = evaluate_spf(domain, &spf, spf_include, dns).await;
     checks.push(RecordCheck { name: domain.clone(), record_type: "TXT".into(), purpose: "spf", required: true, state, explanation, selector: None });
 
     let (state, explanation) = judge_dmarc(&dmarc);
     checks.push(RecordCheck { name: dmarc_name, record_type: "TXT".into(), purpose: "dmarc", required: false, state, explanation, selector: None });
+    checks
+}
 
+/// Looks up the DKIM record of every active and pending key. The active keys are required,
+/// unless a pending key of the same algorithm is ready to replace them.
+pub async fn check_dkim(facts: &DomainFacts, dns: &dyn TxtSource) -> Vec<RecordCheck> {
+    let keys: Vec<&KeyFacts> = facts.keys.iter().filter(|key| key.state != KeyState::Retired).collect();
+    let names: Vec<String> = keys.iter().map(|key| dkim_record_name(&key.selector, &facts.domain)).collect();
+    let answers = futures_util::future::join_all(names.iter().map(|name| dns.txt(name))).await;
+
+    let mut checks: Vec<RecordCheck> = keys
+        .into_iter()
+        .zip(names)
+        .zip(answers)
+        .map(|((key, name), answer)| {
+            let (state, explanation) = judge_dkim(&answer, key);
+            RecordCheck {
+                name,
+                record_type: "TXT".into(),
+                purpose: "dkim",
+                required: key.state == KeyState::Active,
+                state,
+                explanation,
+                selector: Some(key.selector.clone()),
+            }
+        })
+        .collect();
     hand_over_ready_keys(&mut checks, facts);
     checks
 }
@@ -339,10 +354,10 @@ fn judge_spf(answer: &TxtAnswer, spf_include: &str) -> (RecordState, String) {
     }
 }
 
-/// Judges the SPF record as a receiver evaluates it: [`judge_spf`] reads the record itself,
-/// then the full evaluation follows its includes, so that an include reached through another
-/// one passes, and a record over the 10-lookup limit or with an include of a name without SPF
-/// fails when that breaks the platform's mail.
+/// Judges the SPF record as a receiver evaluates it. [`judge_spf`] reads the record itself,
+/// then the full evaluation follows its includes. An include reached through another one
+/// passes. A record over the 10-lookup limit, or with an include of a name without SPF, fails
+/// when that breaks the platform's mail.
 async fn evaluate_spf(domain: &str, answer: &TxtAnswer, spf_include: &str, dns: &dyn TxtSource) -> (RecordState, String) {
     let (state, explanation) = judge_spf(answer, spf_include);
     let one_record = matches!(answer, TxtAnswer::Records(records) if records.iter().filter(|record| is_spf(record)).count() == 1);
@@ -350,7 +365,7 @@ async fn evaluate_spf(domain: &str, answer: &TxtAnswer, spf_include: &str, dns: 
         return (state, explanation);
     }
 
-    let findings = crate::diagnose::check_spf(domain, spf_include, dns).await;
+    let findings = crate::diagnose::check_spf_answer(domain, spf_include, answer, dns).await;
     let reached = findings.iter().any(|finding| finding.code == "spf_ok");
     let breaks_platform_mail = |finding: &&crate::diagnose::Finding| {
         matches!(finding.code, "spf_too_many_lookups" | "spf_include_void") && finding.severity == crate::diagnose::Severity::Error
@@ -408,7 +423,7 @@ pub fn conclude(checks: &[RecordCheck]) -> Conclusion {
     }
 }
 
-/// The selectors of pending keys whose records passed: they may start signing.
+/// Returns the selectors of pending keys whose records passed, so they may start signing.
 pub fn keys_ready(checks: &[RecordCheck], facts: &DomainFacts) -> Vec<String> {
     facts
         .keys
@@ -448,14 +463,14 @@ impl DomainStatus {
         }
     }
 
-    /// Whether mail may be sent from the domain: a failing domain keeps sending through
-    /// its grace period.
+    /// Returns whether mail may be sent from the domain. A failing domain keeps sending
+    /// through its grace period.
     pub fn may_send(self) -> bool {
         matches!(self, DomainStatus::Verified | DomainStatus::Failing)
     }
 }
 
-/// What one revalidation does to a verified or failing domain.
+/// The change one revalidation makes to a verified or failing domain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
     /// Nothing changes (records pass on a verified domain, or the lookup was inconclusive,

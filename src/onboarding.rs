@@ -13,7 +13,7 @@ use crate::diagnose::{self, Finding, Severity};
 use crate::dkim::{self, Algorithm};
 use crate::dns::{self, TxtSource};
 use crate::domains::{self, Conclusion, DnsRecord, DomainStatus, KeyState, RecordCheck, RecordState};
-use crate::store::{self, StoredDomain};
+use crate::store::{self, StoredDomain, StoredKey};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AddedDomain {
@@ -158,12 +158,12 @@ pub async fn verify(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid
     store::record_verification(&pool, tenant, actor, outcome).await?;
 
     let after = store::find_domain(&pool, Some(tenant), &domain).await?.unwrap_or(stored);
-    // A key activated by this check is now the required one, and the key it replaced not.
+    // The check's requirements already hand over from a replaced key to its successor; only
+    // the explanation of the replaced key's record still speaks of a key that signs.
     let mut checks = checks;
-    for check in checks.iter_mut().filter(|check| check.selector.is_some()) {
+    for check in checks.iter_mut().filter(|check| check.state == RecordState::Pass) {
         let key = after.keys.iter().find(|key| Some(&key.selector) == check.selector.as_ref());
-        check.required = key.is_some_and(|key| key.state == KeyState::Active);
-        if key.is_some_and(|key| key.state == KeyState::Retired) && check.state == RecordState::Pass {
+        if key.is_some_and(|key| key.state == KeyState::Retired) {
             check.explanation = "Found. This key is retired by this check: keep its record until the overlap ends.".into();
         }
     }
@@ -270,15 +270,36 @@ pub struct NewKeyReport {
     pub overlap_seconds: u64,
 }
 
-/// Makes a pending key of `algorithm` under a new selector. It signs once its record
-/// verifies (through `domain verify` or the worker's revalidation).
-pub async fn add_key(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid, algorithm: Algorithm) -> Result<NewKeyReport, CliError> {
+/// What `add_key` is asked for: a rotation of the key of one algorithm, or the first
+/// Ed25519 key of dual signing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRequest {
+    Rotate(Algorithm),
+    DualSigningOn,
+}
+
+impl KeyRequest {
+    fn algorithm(self) -> Algorithm {
+        match self {
+            KeyRequest::Rotate(algorithm) => algorithm,
+            KeyRequest::DualSigningOn => Algorithm::Ed25519,
+        }
+    }
+}
+
+/// Makes a pending key under a new selector. It signs once its record verifies (through
+/// `domain verify` or the worker's revalidation). Tenant and owner are checked first, so
+/// that others learn nothing about the keys.
+pub async fn add_key(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid, request: KeyRequest) -> Result<NewKeyReport, CliError> {
     let domain = parse_domain(domain)?;
     let pool = store::connect(&settings.database, store::Patience::Once).await?;
     store::check_owner(&pool, tenant, actor).await?;
     let Some(stored) = store::find_domain(&pool, Some(tenant), &domain).await? else {
         return Err(CliError::Usage(format!("domain {domain} is not registered for tenant {tenant}; add it first with `outbound domain add`")));
     };
+    check_ed25519_state(&stored, request)?;
+
+    let algorithm = request.algorithm();
     let replaces = stored.keys.iter().find(|key| key.algorithm == algorithm && key.state == KeyState::Active).map(|key| key.selector.clone());
     let (key, encrypted) = new_key(settings, &domain, algorithm)?;
     let prefix = match algorithm {
@@ -290,58 +311,38 @@ pub async fn add_key(settings: &Settings, tenant: Uuid, domain: &str, actor: Uui
     store::add_pending_key(&pool, tenant, actor, &domain, new_key).await?;
 
     let facts = domains::KeyFacts { selector: selector.clone(), algorithm, public_key: key.public_base64, state: KeyState::Pending, retired_at: None };
-    let record = DnsRecord {
-        name: domains::dkim_record_name(&selector, &domain),
-        record_type: "TXT".into(),
-        value: dkim::dkim_record_value(algorithm, &facts.public_key),
-        purpose: match algorithm {
-            Algorithm::Rsa => "new DKIM key (RSA): signing moves to it once this record verifies".into(),
-            Algorithm::Ed25519 => "DKIM key (Ed25519) for dual signing: it signs once this record verifies".into(),
-        },
-        required: true,
-    };
+    let mut record = domains::dkim_record(&domain, &facts);
+    // The new key's record is what the owner must publish for the switch to happen.
+    record.required = true;
     Ok(NewKeyReport { domain, selector, algorithm, records: vec![record], replaces, overlap_seconds: settings.domains.key_overlap.as_secs() })
 }
 
-/// Returns the domain's Ed25519 key that signs or waits to sign, if dual signing is on. It
-/// checks the tenant and the owner first, so that others learn nothing about the keys.
-async fn ed25519_key(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid) -> Result<Option<store::StoredKey>, CliError> {
-    let domain = parse_domain(domain)?;
-    let pool = store::connect(&settings.database, store::Patience::Once).await?;
-    store::check_owner(&pool, tenant, actor).await?;
-    let stored = store::find_domain(&pool, Some(tenant), &domain).await?;
-    Ok(stored.and_then(|stored| stored.keys.into_iter().find(|key| key.algorithm == Algorithm::Ed25519 && key.state != KeyState::Retired)))
-}
-
-/// Fails when dual signing is already on or waiting for its record: a second `on` would
-/// silently rotate the Ed25519 key.
-pub async fn check_dual_signing_off(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid) -> Result<(), CliError> {
-    match ed25519_key(settings, tenant, domain, actor).await? {
-        Some(key) if key.state == KeyState::Active => Err(CliError::Usage(format!(
+/// Rejects Ed25519 requests that do not fit the domain's keys: a second `dual-signing on`
+/// would silently rotate the key, and rotating a key that does not sign would turn dual
+/// signing on by another name.
+fn check_ed25519_state(stored: &StoredDomain, request: KeyRequest) -> Result<(), CliError> {
+    let domain = &stored.domain;
+    let ed25519 = stored.keys.iter().find(|key| key.algorithm == Algorithm::Ed25519 && key.state != KeyState::Retired);
+    let message = match (request, ed25519) {
+        (KeyRequest::Rotate(Algorithm::Rsa), _) | (KeyRequest::Rotate(Algorithm::Ed25519), Some(StoredKey { state: KeyState::Active, .. })) => return Ok(()),
+        (KeyRequest::DualSigningOn, None) => return Ok(()),
+        (KeyRequest::DualSigningOn, Some(key)) if key.state == KeyState::Active => format!(
             "dual signing is already on for {domain} (selector {}); to replace its key, run `outbound domain rotate-key --algorithm ed25519`",
             key.selector
-        ))),
-        Some(key) => Err(CliError::Usage(format!(
+        ),
+        (KeyRequest::DualSigningOn, Some(key)) => format!(
             "dual signing for {domain} waits for the DNS record of selector {}; publish it and run `outbound domain verify`, or discard the key with `outbound domain dual-signing off`",
             key.selector
-        ))),
-        None => Ok(()),
-    }
-}
-
-/// Fails unless an Ed25519 key signs: rotating one that does not exist would turn dual
-/// signing on by another name.
-pub async fn check_dual_signing_on(settings: &Settings, tenant: Uuid, domain: &str, actor: Uuid) -> Result<(), CliError> {
-    match ed25519_key(settings, tenant, domain, actor).await? {
-        Some(key) if key.state == KeyState::Active => Ok(()),
-        Some(key) => Err(CliError::Usage(format!(
+        ),
+        (KeyRequest::Rotate(Algorithm::Ed25519), Some(key)) => format!(
             "the Ed25519 key of {domain} (selector {}) waits for its DNS record and does not sign yet; publish it and run `outbound domain verify`",
             key.selector
-        ))),
-        None => Err(CliError::Usage(format!(
-            "no Ed25519 key signs for {domain}, so there is none to rotate; turn dual signing on with `outbound domain dual-signing on`"
-        ))),
-    }
+        ),
+        (KeyRequest::Rotate(Algorithm::Ed25519), None) => {
+            format!("no Ed25519 key signs for {domain}, so there is none to rotate; turn dual signing on with `outbound domain dual-signing on`")
+        }
+    };
+    Err(CliError::Usage(message))
 }
 
 pub fn print_new_key(report: &NewKeyReport) {
@@ -421,10 +422,9 @@ async fn dkim_findings(stored: Option<&StoredDomain>, settings: &Settings, dns: 
         }];
     };
     let facts = stored.facts();
-    let checks = domains::check_records(&facts, &settings.domains.spf_include, dns).await;
+    let checks = domains::check_dkim(&facts, dns).await;
     let mut findings: Vec<Finding> = checks
         .iter()
-        .filter(|check| check.purpose == "dkim")
         .filter_map(|check| {
             let selector = check.selector.as_deref().unwrap_or_default();
             let key = facts.keys.iter().find(|key| key.selector == selector)?;

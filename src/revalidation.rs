@@ -18,7 +18,7 @@ use crate::telemetry;
 
 /// How many domains one pass claims; the next pass follows at once while more are due.
 const BATCH: i64 = 20;
-/// How soon a domain whose lookups timed out or failed is checked again (capped by the interval).
+/// The delay before a domain whose lookups failed is checked again (capped by the interval).
 const RETRY_INCONCLUSIVE: Duration = Duration::from_secs(15 * 60);
 /// How often the loop looks for due domains (capped by half the interval).
 const POLL: Duration = Duration::from_secs(60);

@@ -497,7 +497,7 @@ async fn read_domain(tx: &mut sqlx::PgConnection, domain: &str) -> Result<Option
     }))
 }
 
-/// What a DNS check found, to store.
+/// The result of a DNS check, to store.
 pub struct CheckOutcome<'a> {
     pub domain: &'a str,
     /// The new status, or `None` to keep the current one.
@@ -508,9 +508,9 @@ pub struct CheckOutcome<'a> {
     pub keys_ready: &'a [String],
 }
 
-/// Stores an owner's `domain verify`. A domain that becomes verified from pending or
-/// suspended also gets outbound sending enabled; one that was already verified or failing
-/// keeps the tenant's switch as the owner left it. Returns the old status.
+/// Stores an owner's `domain verify` and returns the old status. A domain that becomes
+/// verified from pending or suspended also gets outbound sending enabled. One that was
+/// already verified or failing keeps the tenant's switch as the owner left it.
 pub async fn record_verification(pool: &PgPool, tenant_id: Uuid, actor: Uuid, outcome: CheckOutcome<'_>) -> Result<DomainStatus, StoreError> {
     let mut tx = scoped(pool, tenant_id, Some(actor)).await?;
     require_owner(&mut tx, tenant_id, actor).await?;
@@ -626,8 +626,7 @@ pub async fn record_revalidation(pool: &PgPool, tenant_id: Uuid, outcome: CheckO
     Ok(())
 }
 
-/// Moves a domain's next revalidation to `retry_in` from now, after a lookup that got no
-/// answer.
+/// Moves a domain's next revalidation to `retry_in` from now, after a lookup that failed.
 pub async fn postpone_revalidation(pool: &PgPool, domain: &str, interval: Duration, retry_in: Duration) -> Result<(), StoreError> {
     sqlx::query("UPDATE sending_domains SET checked_at = now() - make_interval(secs => $2) + make_interval(secs => $3) WHERE domain = $1")
         .bind(domain)
