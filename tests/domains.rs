@@ -519,3 +519,29 @@ async fn migration_keeps_existing_keys() {
     pool.close().await;
     sqlx::query(&format!("DROP DATABASE \"{database}\" WITH (FORCE)")).execute(&admin).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_commands_reject_bad_input() {
+    let mut env = TestEnv::start().await;
+    let dns = DnsServer::start(env.spool.path());
+    let onboarded = onboard(&mut env).await;
+    let (tenant, owner) = (onboarded.tenant.tenant_id.to_string(), onboarded.tenant.owner.to_string());
+    let unknown_tenant = Uuid::new_v4().to_string();
+
+    let mut rotate_ed25519 = onboarded.args("rotate-key", &owner, &tenant);
+    rotate_ed25519.extend(["--algorithm", "ed25519"]);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["domain", "verify", "--tenant", &unknown_tenant, "--domain", "x.example", "--actor", &owner], "not found"),
+        (vec!["domain", "verify", "--tenant", &tenant, "--domain", "other.example", "--actor", &owner], "add it first with `outbound domain add`"),
+        (vec!["domain", "verify", "--tenant", &tenant, "--domain", "not a domain!", "--actor", &owner], "invalid --domain"),
+        (vec!["domain", "diagnose", "--domain", "not a domain!"], "invalid --domain"),
+        (rotate_ed25519, "no Ed25519 key signs"),
+    ];
+
+    for (args, words) in cases {
+        let output = env.cli(&args, Some(&dns));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(words), "{args:?}: {stderr}");
+    }
+}
